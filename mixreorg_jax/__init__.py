@@ -1,0 +1,1 @@
+"""MixReorg and GroupViT in JAX/Flax."""

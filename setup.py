@@ -1,0 +1,35 @@
+"""Installs mixreorg_jax: `pip install -e .` (add `[test]` for the test suite)."""
+import setuptools
+
+setuptools.setup(
+    name="mixreorg_jax",
+    version="0.1.0",
+    description="MixReorg / GroupViT text-supervised open-world segmentation in JAX/Flax.",
+    packages=setuptools.find_packages(include=["mixreorg_jax", "mixreorg_jax.*"]),
+    package_data={"mixreorg_jax": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "array_record",
+        "tensorflow-datasets",
+        "tensorflow-cpu",
+        "tensorboard",
+        "ml_collections",
+        "clu",
+        "transformers>=4.40",
+        "safetensors",
+        "ftfy",
+        "pillow",
+        "numpy",
+        "matplotlib",
+        "absl-py",
+    ],
+    extras_require={
+        # torch==2.13.0 is the CPU build available locally; the reference for numerical parity.
+        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "hypothesis"],
+    },
+)
