@@ -1,0 +1,23 @@
+r"""MixReorg: GroupViT plus mixed patch reorganisation (method.md §4).
+
+Variants (`configs/mixreorg.py:VARIANT`): paper, demo (default), tiny.
+
+  python -m mixreorg_jax.train --config configs/mixreorg.py:demo --workdir /tmp/mixreorg_demo
+  python -m mixreorg_jax.train --config configs/mixreorg.py:paper --workdir gs://BUCKET/mixreorg \
+      --config.data.datasets='[{"dir": "gs://BUCKET/tfds/cc12m", "split": "train", "weight": 1.0}]'
+"""
+from mixreorg_jax import train_config
+
+
+def get_config(arg=None):
+    variant = train_config.parse_variant(arg, train_config.VARIANTS, default="demo")
+    c = train_config.apply_variant(train_config.base_config(), variant)
+    c.mix.enabled = True
+    c.mix.group_size = 2
+    c.mix.block_size = 1
+    c.mix.contextual_depth = 1
+    c.mix.progressive_weight = 1.0
+    c.mix.progressive_mode = "add"
+    c.loss.update(dict(contrastive=1.0, multi_label=1.0, restore=1.0, mixseg=1.0,
+                       mixseg_negatives="group"))
+    return c

@@ -1,0 +1,112 @@
+"""`mixreorg_jax.load(path)`: a trained or converted model, ready to embed images and text.
+
+    model = mixreorg_jax.load("/tmp/mixreorg_demo")        # a training workdir
+    image_emb = model.encode_image(images)                 # float[B, H, W, 3], normalised
+    text_emb = model.encode_text(["a photo of a cat."])
+    logits = model.logit_scale * image_emb @ text_emb.T
+"""
+import functools
+import json
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from mixreorg_jax import checkpoint_io, convert
+from mixreorg_jax.models import groupvit
+from mixreorg_jax.tokenizer import get_tokenizer
+
+MAX_LOGIT_SCALE = 100.0
+
+
+def load_variables(path: str) -> tuple[dict, ml_collections.ConfigDict]:
+    """(variables {'params', 'batch_stats'}, model config) from any model location.
+
+    `path` may be a model checkpoint (`checkpoint_io.save_model`, `convert from-hf`), a training
+    workdir (its `export/` when training finished, else its latest checkpoint), or a Hugging Face
+    GroupViT folder (config.json + model.safetensors).
+    """
+    root = epath.Path(path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"no model at {root}")
+    if (root / "export").exists():
+        return checkpoint_io.load_model(str(root / "export"))
+    if (root / "checkpoints").exists():
+        return _variables_from_train_checkpoint(root)
+    if (root / "config.json").exists() and (root / "model.safetensors").exists():
+        tensors, hf_config = convert.read_hf_folder(str(root))
+        config = convert.hf_config_to_model_config(hf_config)
+        return convert.params_from_hf(tensors, config), config
+    return checkpoint_io.load_model(str(root))
+
+
+def _variables_from_train_checkpoint(workdir: epath.Path):
+    config_file = workdir / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{workdir} has checkpoints but no config.json")
+    config = checkpoint_io.config_from_json_dict(json.loads(config_file.read_text())["model"])
+    manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no finished checkpoint in {workdir / 'checkpoints'}")
+    # Read as host arrays, whatever devices wrote them; only the model's part is kept.
+    metadata = manager.item_metadata(step)["state"]
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(restore_args=restore_args)))["state"]
+    return {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}, config
+
+
+class Model:
+    """A GroupViT/MixReorg model for inference (evaluation mode, the original branch only)."""
+
+    def __init__(self, variables: dict, config: ml_collections.ConfigDict):
+        self.config = config
+        self.variables = jax.device_put(variables)
+        self.module = groupvit.GroupViT(config)
+        self._tokenizer = get_tokenizer(config.context_length)
+
+    @property
+    def logit_scale(self) -> float:
+        """exp of the learned log-scale, clamped at 100 as in training and evaluation."""
+        return float(min(np.exp(self.variables["params"]["logit_scale"]), MAX_LOGIT_SCALE))
+
+    def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
+        """int32[N, context_length] CLIP BPE ids."""
+        return self._tokenizer(texts)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def _encode_image(self, variables, images):
+        return self.module.apply(variables, images, method=groupvit.GroupViT.encode_image)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def _encode_text(self, variables, tokens):
+        return self.module.apply(variables, tokens, method=groupvit.GroupViT.encode_text)
+
+    def encode_image(self, images) -> jax.Array:
+        """float[B, H, W, 3] normalised images -> L2-normalised embeddings float[B, D]."""
+        images = jnp.asarray(images, jnp.float32)
+        if images.ndim != 4 or images.shape[-1] != self.config.num_channels:
+            raise ValueError(f"images must be [B, H, W, {self.config.num_channels}], "
+                             f"got {images.shape}")
+        return self._encode_image(self.variables, images)["embedding"]
+
+    def encode_text(self, texts: str | Sequence[str]) -> jax.Array:
+        """Strings -> L2-normalised embeddings float[N, D]."""
+        return self._encode_text(self.variables, jnp.asarray(self.tokenize(texts)))["embedding"]
+
+    def segment(self, image, class_names: Sequence[str], **kwargs) -> np.ndarray:
+        """uint8[H, W, 3] RGB -> int32[H, W] labels; see `mixreorg_jax.segment.segment`
+        (with `bg_thresh`, 0 = background and k = class_names[k - 1])."""
+        from mixreorg_jax import segment  # Deferred: the protocol's code is not needed to embed.
+        return segment.segment(self.variables, self.config, image, class_names, **kwargs)
+
+
+def load(path: str) -> Model:
+    """Loads a model checkpoint, a training workdir or a Hugging Face GroupViT folder."""
+    return Model(*load_variables(path))

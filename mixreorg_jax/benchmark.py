@@ -1,0 +1,176 @@
+r"""Train-step throughput of GroupViT and MixReorg (and of PyTorch's GroupViT), one JSON line.
+
+  python -m mixreorg_jax.benchmark --config configs/mixreorg.py:tiny
+  python -m mixreorg_jax.benchmark --config configs/mixreorg.py:demo --against=pytorch
+  python -m mixreorg_jax.benchmark --config configs/mixreorg.py:paper --memory_only \
+      --config.data.batch_size=128 --config.model.dtype=bfloat16
+
+The step is the trainer's own jitted update (`train_step.make_update_fn`) on random data of the
+config's shapes, so the data pipeline is not timed. `groupvit` is the same config with mixing off;
+`mixreorg` with it on. `--against=pytorch` also times `transformers.GroupViTModel` (image-text
+contrastive loss, AdamW) at the same sizes, batch and thread count, against our GroupViT step
+with the same loss (multi-label off), and reports ours / PyTorch. `--memory_only` compiles without
+running and reports XLA's per-device memory analysis of each step.
+"""
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from mixreorg_jax import optim, sharding, train_step
+from mixreorg_jax.models import groupvit
+
+config_flags.DEFINE_config_file("config", None, "Train config (`path.py:variant`).")
+flags.DEFINE_integer("steps", 10, "Timed steps per variant.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_enum("against", None, ["pytorch"], "Also time this reference implementation.")
+flags.DEFINE_bool("memory_only", False, "Compile only; report the memory analysis.")
+
+
+def random_batch(config: ml_collections.ConfigDict, rng: np.random.Generator) -> dict:
+    b, size, length = config.data.batch_size, config.model.image_size, config.model.context_length
+    tokens = rng.integers(1, 49405, (b, 3 + 1, length), dtype=np.int32)
+    tokens[..., 0], tokens[..., -1] = 49406, 49407  # SOT ... EOT
+    return {"image": rng.standard_normal((b, size, size, 3), dtype=np.float32),
+            "tokens": tokens[:, 0], "prompt_tokens": tokens[:, 1:]}
+
+
+def build_step(config: ml_collections.ConfigDict):
+    """(update_fn, state, global batch) for `config` on all local devices."""
+    mesh = sharding.make_mesh(config.mesh)
+    train_step.check_batch(config, mesh)
+    model = groupvit.GroupViT(config.model)
+    schedule = optim.make_schedule(config.optim, 1000, 10, config.data.batch_size)
+    tx = optim.make_optimizer(config.optim, schedule)
+    rng = jax.random.key(0)
+    init = train_step.make_init_fn(model, config, tx)
+    abstract, shardings = train_step.abstract_state(init, rng, mesh)
+    update = train_step.make_update_fn(model, config, tx, schedule, mesh, shardings, rng)
+    batch = sharding.global_batch(random_batch(config, np.random.default_rng(0)), mesh)
+    return update, init, abstract, shardings, batch, mesh
+
+
+def memory_analysis(config: ml_collections.ConfigDict) -> dict:
+    """XLA's per-device memory numbers (bytes) of the compiled update step."""
+    update, _, abstract, _, batch, mesh = build_step(config)
+    with jax.set_mesh(mesh):
+        compiled = update.lower(abstract, batch).compile()
+    m = compiled.memory_analysis()
+    peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes)
+    return {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+            "temp_bytes": m.temp_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
+            "peak_bytes_per_device": peak, "peak_gib_per_device": round(peak / 2 ** 30, 3)}
+
+
+def time_ours(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict:
+    update, init, _, shardings, batch, mesh = build_step(config)
+    with jax.set_mesh(mesh):
+        state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+        t0 = time.perf_counter()
+        state, metrics = update(state, batch)
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - t0
+        for _ in range(warmup):
+            state, metrics = update(state, batch)
+        jax.block_until_ready(metrics)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = update(state, batch)
+        jax.block_until_ready((state, metrics))
+        seconds = time.perf_counter() - t0
+    return {"images_per_sec": steps * config.data.batch_size / seconds,
+            "step_ms": 1000 * seconds / steps, "compile_s": compile_s,
+            "loss": float(metrics["total"])}
+
+
+def time_pytorch(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict:
+    """`transformers.GroupViTModel` train step: contrastive loss, AdamW, same sizes and threads."""
+    import torch
+    import transformers
+
+    from mixreorg_jax import convert
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    hf_config = transformers.GroupViTConfig(**convert.model_config_to_hf_config(config.model))
+    model = transformers.GroupViTModel(hf_config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=(config.optim.b1,
+                            config.optim.b2), eps=config.optim.eps,
+                            weight_decay=config.optim.weight_decay)
+    batch = random_batch(config, np.random.default_rng(0))
+    pixels = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous()
+    ids = torch.from_numpy(batch["tokens"]).long()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        opt.step()
+        return loss
+
+    for _ in range(warmup + 1):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    seconds = time.perf_counter() - t0
+    return {"images_per_sec": steps * config.data.batch_size / seconds,
+            "step_ms": 1000 * seconds / steps, "loss": float(loss), "threads":
+            torch.get_num_threads()}
+
+
+def variant(config: ml_collections.ConfigDict, *, mix: bool, like_pytorch: bool = False):
+    """The config with mixing on or off; `like_pytorch`: only what HF's GroupViT step does
+    (contrastive loss, no multi-label loss, no drop-path)."""
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        c.mix.enabled = mix
+        c.loss.restore = c.loss.restore if mix else 0.0
+        c.loss.mixseg = c.loss.mixseg if mix else 0.0
+        if like_pytorch:
+            c.loss.multi_label = 0.0
+            c.model.drop_path_rate = 0.0
+    return c
+
+
+def main(argv):
+    del argv
+    config = flags.FLAGS.config
+    if config.loss.restore == 0 and config.loss.mixseg == 0:
+        with config.unlocked():  # A GroupViT config: time MixReorg with the default weights.
+            config.loss.restore = config.loss.mixseg = 1.0
+    result = {"config": config_flags.get_config_filename(flags.FLAGS["config"]),
+              "batch_size": config.data.batch_size,
+              "image_size": config.model.image_size, "dtype": config.model.dtype,
+              "devices": jax.device_count(), "platform": jax.devices()[0].platform}
+    groupvit_config, mixreorg_config = variant(config, mix=False), variant(config, mix=True)
+    if flags.FLAGS.memory_only:
+        result["groupvit_memory"] = memory_analysis(groupvit_config)
+        result["mixreorg_memory"] = memory_analysis(mixreorg_config)
+        print(json.dumps(result))
+        return
+    steps, warmup = flags.FLAGS.steps, flags.FLAGS.warmup
+    result["groupvit"] = time_ours(groupvit_config, steps, warmup)
+    result["mixreorg"] = time_ours(mixreorg_config, steps, warmup)
+    result["mixreorg_step_over_groupvit_step"] = (
+        result["groupvit"]["images_per_sec"] / result["mixreorg"]["images_per_sec"])
+    if flags.FLAGS.against == "pytorch":
+        ours = time_ours(variant(config, mix=False, like_pytorch=True), steps, warmup)
+        theirs = time_pytorch(config, steps, warmup)
+        result["groupvit_contrastive_only"] = ours
+        result["pytorch"] = theirs
+        result["ours_over_pytorch"] = ours["images_per_sec"] / theirs["images_per_sec"]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,85 @@
+"""Train checkpoints: one Orbax `CheckpointManager` holding the train state and the data iterator.
+
+Layout of a workdir's `checkpoints/<step>/`: `state/` (step, params, opt_state, batch_stats, as
+sharded arrays) and `data/` (each process's grain iterator state). Saves are asynchronous; a
+SIGTERM (preemption) makes every process save at the same next step and stop cleanly.
+"""
+import signal
+import threading
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+
+def make_manager(workdir: str, ckpt: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=ckpt.max_to_keep, enable_async_checkpointing=ckpt.get("async_save", True),
+        create=True, cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options,
+                                 item_names=("state", "data"))
+
+
+def checkpoints_dir(path: str) -> str:
+    """A run's `checkpoints/` folder, given the run's workdir or that folder itself."""
+    path = epath.Path(path).expanduser()
+    return str(path / "checkpoints" if (path / "checkpoints").exists() else path)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None,
+         force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(directory: str, abstract_state, data_iterator=None, step: int | None = None):
+    """Restores the state (into `abstract_state`'s shardings) and, if given, the iterator.
+
+    `directory` is a workdir's `checkpoints/` folder (the latest step, or `step`). Returns
+    (state, step).
+    """
+    manager = ocp.CheckpointManager(epath.Path(directory), item_names=("state", "data"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"checkpoint {directory}/{step} does not fit this model/optimiser (another model "
+            f"shape or config?): {str(e).splitlines()[0][:500]}") from None
+    manager.close()
+    return restored["state"], step
+
+
+class PreemptionWatch:
+    """Turns SIGTERM into a request to checkpoint and stop at a step all processes agree on."""
+
+    def __init__(self):
+        self._requested = threading.Event()
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self._requested.set()
+
+    def should_stop(self) -> bool:
+        """True on every process once any process got SIGTERM (a collective when multi-host)."""
+        local = self._requested.is_set()
+        if jax.process_count() == 1:
+            return local
+        flags = multihost_utils.process_allgather(np.asarray(local))
+        return bool(np.any(flags))
+
+    def close(self):
+        signal.signal(signal.SIGTERM, self._previous)

@@ -1,0 +1,137 @@
+"""`config.model_init`: start training from another model's parameters (not its optimiser).
+
+Sources:
+- a model checkpoint, a training workdir or a Hugging Face GroupViT folder: every parameter and
+  BatchNorm statistic, which must match the model's shapes;
+- a Hugging Face `ViTModel`/`DeiTModel` folder (config.json + model.safetensors, read without
+  torch), e.g. DeiT-S/16 for GroupViT-S: its patch embedding, position embedding (without the
+  class/distillation entries, resized bicubically if the grid differs) and its blocks, in order,
+  initialise ours; group tokens, grouping blocks, the post-patch LayerNorm, the final LayerNorm,
+  the text tower and the projectors start fresh (method.md §3).
+"""
+import json
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from mixreorg_jax import api, checkpoint_io, convert
+from mixreorg_jax.ops import resize
+
+# Hugging Face ViT/DeiT block names -> GroupViT's (both PyTorch Linear/LayerNorm layouts).
+_VIT_BLOCK = {
+    "attention.attention.query": "self_attn.q_proj",
+    "attention.attention.key": "self_attn.k_proj",
+    "attention.attention.value": "self_attn.v_proj",
+    "attention.output.dense": "self_attn.out_proj",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+    "layernorm_before": "layer_norm1",
+    "layernorm_after": "layer_norm2",
+}
+_VIT_TYPES = ("vit", "deit")
+
+
+def _vit_as_groupvit_tensors(tensors: dict, vit_config: dict,
+                             config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """ViT/DeiT tensors renamed (and the position embedding reshaped) as HF GroupViT's."""
+    # Classification checkpoints prefix the backbone ("vit.", "deit.").
+    prefix = next((p for p in ("", "vit.", "deit.")
+                   if f"{p}embeddings.patch_embeddings.projection.weight" in tensors), None)
+    if prefix is None:
+        raise ValueError("not a ViT/DeiT checkpoint: no embeddings.patch_embeddings.projection")
+    problems = []
+    width, layers = vit_config.get("hidden_size"), vit_config.get("num_hidden_layers")
+    if width != config.width:
+        problems.append(f"width {width} != model width {config.width}")
+    if layers != sum(config.depths):
+        problems.append(f"{layers} blocks != the model's {sum(config.depths)} (depths "
+                        f"{tuple(config.depths)})")
+    if vit_config.get("num_attention_heads") != config.num_heads:
+        problems.append(f"{vit_config.get('num_attention_heads')} heads != {config.num_heads}")
+    if vit_config.get("patch_size") != config.patch_size:
+        problems.append(f"patch {vit_config.get('patch_size')} != {config.patch_size}")
+    if problems:
+        raise ValueError("ViT checkpoint does not fit the model: " + "; ".join(problems))
+
+    out = {}
+    embed = "vision_model.embeddings"
+    for suffix in ("weight", "bias"):
+        out[f"{embed}.patch_embeddings.projection.{suffix}"] = tensors[
+            f"{prefix}embeddings.patch_embeddings.projection.{suffix}"]
+    grid = config.image_size // config.patch_size
+    pos = tensors[f"{prefix}embeddings.position_embeddings"][0]
+    extra = pos.shape[0] - int(round(np.sqrt(pos.shape[0] - 1))) ** 2  # class (+ distillation)
+    pos = pos[extra:]
+    side = int(round(np.sqrt(pos.shape[0])))
+    pos = pos.reshape(side, side, width)
+    if side != grid:
+        pos = np.asarray(resize.bicubic_resize(pos, (grid, grid)))
+    out[f"{embed}.position_embeddings"] = pos.reshape(1, grid * grid, width)
+
+    layer = 0
+    for stage, depth in enumerate(config.depths):
+        for j in range(depth):
+            for vit_name, ours in _VIT_BLOCK.items():
+                for suffix in ("weight", "bias"):
+                    out[f"vision_model.encoder.stages.{stage}.layers.{j}.{ours}.{suffix}"] = \
+                        tensors[f"{prefix}encoder.layer.{layer}.{vit_name}.{suffix}"]
+            layer += 1
+    return out
+
+
+def _from_vit(shapes: dict, folder: epath.Path, vit_config: dict,
+              config: ml_collections.ConfigDict) -> dict:
+    tensors = checkpoint_io.read_safetensors(str(folder / "model.safetensors"))
+    names = convert.hf_name_map(config)
+    loaded = {}
+    for hf_name, value in _vit_as_groupvit_tensors(tensors, vit_config, config).items():
+        path, (from_hf, _) = names[hf_name]
+        value = from_hf(np.asarray(value, np.float32))
+        if value.shape != shapes[path]:
+            raise ValueError(f"{hf_name}: shape {value.shape} does not fit {path} {shapes[path]}")
+        loaded[path] = value
+    fresh = sorted({p.rsplit("/", 1)[0] for p in shapes if p not in loaded})
+    logging.info("model_init from ViT %s: loaded %d tensors (patch and position embedding, %d "
+                 "blocks); fresh: %s", folder, len(loaded), sum(config.depths), ", ".join(fresh))
+    return loaded
+
+
+def load_initial_variables(source: str, shapes: dict[str, tuple],
+                           config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """The tensors `source` provides, as {'params/...' or 'batch_stats/...': host array}.
+
+    Args:
+      source: see the module docstring.
+      shapes: {flat path: shape} of the model's variables {'params', 'batch_stats'}.
+      config: the model config.
+    """
+    folder = epath.Path(source).expanduser()
+    hf_config_file = folder / "config.json"
+    if hf_config_file.exists() and (folder / "model.safetensors").exists():
+        hf_config = json.loads(hf_config_file.read_text())
+        if hf_config.get("model_type") in _VIT_TYPES:
+            return _from_vit(shapes, folder, hf_config, config)
+    loaded = checkpoint_io.flatten_tree(api.load_variables(source)[0])
+    checkpoint_io.check_shapes({k: np.shape(v) for k, v in loaded.items()}, shapes,
+                               f"model_init {source}")
+    logging.info("model_init: all %d tensors from %s", len(loaded), source)
+    return loaded
+
+
+def initialize(state: dict, source: str, config: ml_collections.ConfigDict,
+               state_sharding: dict) -> dict:
+    """The train state with the model tensors that `source` provides replaced (same sharding)."""
+    def model_part(tree):
+        return {"params": tree["params"]["model"], "batch_stats": tree["batch_stats"]}
+
+    current = checkpoint_io.flatten_tree(model_part(state))
+    shardings = checkpoint_io.flatten_tree(model_part(state_sharding))
+    loaded = load_initial_variables(source, {k: v.shape for k, v in current.items()}, config)
+    current.update({k: jax.device_put(v.astype(current[k].dtype), shardings[k])
+                    for k, v in loaded.items()})
+    new = checkpoint_io.unflatten_tree(current)
+    return dict(state, params=dict(state["params"], model=new["params"]),
+                batch_stats=new["batch_stats"])

@@ -1,0 +1,104 @@
+"""The training objective: one forward pass of GroupViT or MixReorg and its loss terms.
+
+`loss_fn` is what the trainer differentiates and the benchmark times; with `config.mix.enabled`
+off it is plain GroupViT training (image-text contrastive + multi-label loss), with it on the
+MixReorg objective of method.md §4 (adds the restoration and mixed-segmentation losses).
+
+Parameters are `{"model": <GroupViT params>, "multi_label_logit_scale": <0-d>}`: the multi-label
+loss has its own learned temperature, which is part of training, not of the exported model.
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mixreorg_jax import losses
+from mixreorg_jax.models import mixreorg
+from mixreorg_jax.ops import mixing
+
+
+def init_extra_params() -> dict:
+    """Training-only parameters, beside the model's."""
+    return {"multi_label_logit_scale": jnp.asarray(math.log(1 / 0.07), jnp.float32)}
+
+
+def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix_fns):
+    """Everything that touches parameters, in one `apply` so batch statistics update once.
+
+    Returns the embeddings the losses need: original-branch image embeddings, caption and prompt
+    embeddings and, for MixReorg, the restored-branch image embeddings, the mixed branch's
+    projected segments and its patch -> final-segment hard assignment.
+    """
+    text = module.encode_text(texts, train=True)["embedding"]
+    if plan is None:
+        return {"image": module.encode_image(images, train=True)["embedding"], "text": text}
+
+    mix_fn, restore_fn = mix_fns
+    branches = mixreorg.mixreorg_image_forward(
+        module, images, plan, contextual_depth=mix.contextual_depth,
+        progressive_weight=mix.progressive_weight, progressive_mode=mix.progressive_mode,
+        train=True, mix_fn=mix_fn, restore_fn=restore_fn)
+    orig, mixed, restored = branches["original"], branches["mixed"], branches["restored"]
+    # Each branch is normalised with its own batch statistics; only the original branch moves
+    # the running averages used at evaluation.
+    return {
+        "image": module.project_image(orig["pooled"], train=True),
+        "text": text,
+        "restored_image": module.project_image(restored["pooled"], train=True,
+                                               update_stats=False),
+        "mixed_segments": module.project_segments(mixed["segments"], train=True,
+                                                  stats_from=mixed["pooled"]),
+        "mixed_assignment": functools.reduce(jnp.matmul, mixed["hard_assignments"]),
+    }
+
+
+def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.ConfigDict,
+            mix_fns=(mixing.mix_tokens, mixing.restore_tokens)):
+    """The total training loss.
+
+    Args:
+      params: {"model": ..., "multi_label_logit_scale": ...}.
+      batch_stats: the model's BatchNorm statistics.
+      batch: image float[B, H, W, 3], tokens int[B, L], prompt_tokens int[B, P, L].
+      rng: a key for this step (mixing plan, gumbel noise, drop-path).
+      model: the `GroupViT` module.
+      config: the train config (`mix`, `loss`).
+      mix_fns: (mix, restore) token functions; per-device `shard_map` versions under a mesh.
+
+    Returns:
+      (loss, (terms, new_batch_stats)), terms holding every loss term and the logit scale.
+    """
+    images, tokens, prompts = batch["image"], batch["tokens"], batch["prompt_tokens"]
+    b, p, length = prompts.shape
+    plan_rng, gumbel_rng, dropout_rng = jax.random.split(rng, 3)
+    plan = None
+    if config.mix.enabled:
+        patch = config.model.patch_size
+        grid = (images.shape[1] // patch, images.shape[2] // patch)
+        plan = mixing.mixing_plan(plan_rng, b, grid, config.mix.group_size,
+                                  config.mix.block_size)
+    texts = jnp.concatenate([tokens[:, None], prompts], axis=1).reshape(b * (1 + p), length)
+
+    out, updates = model.apply(
+        {"params": params["model"], "batch_stats": batch_stats}, images, texts, plan,
+        mix=config.mix, mix_fns=mix_fns, method=_forward, mutable=["batch_stats"],
+        rngs={"gumbel": gumbel_rng, "dropout": dropout_rng})
+
+    text = out["text"].reshape(b, 1 + p, -1)
+    caption_emb, prompt_emb = text[:, 0], text[:, 1:]
+    log_scale = params["model"]["logit_scale"]
+    terms = {"contrastive": losses.contrastive_loss(out["image"], caption_emb, log_scale)}
+    if config.loss.multi_label:
+        terms["multi_label"] = losses.multi_label_contrastive_loss(
+            out["image"], prompt_emb, params["multi_label_logit_scale"])
+    if plan is not None:
+        terms["restore"] = losses.contrastive_loss(out["restored_image"], caption_emb, log_scale)
+        terms["mixseg"] = losses.mixed_segmentation_loss(
+            out["mixed_assignment"], out["mixed_segments"], caption_emb, plan.source, log_scale,
+            group_size=config.mix.group_size, negatives=config.loss.mixseg_negatives)
+    weights = {name: config.loss[name] for name in terms}
+    total, logs = losses.total_loss(terms, weights)
+    logs["logit_scale"] = losses.logit_scale(log_scale)
+    return total, (logs, updates["batch_stats"])

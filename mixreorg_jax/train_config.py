@@ -1,0 +1,111 @@
+"""Every field of a train config, with its default; `configs/*.py` start from `base_config()`.
+
+Configs are locked `ml_collections.ConfigDict`s: a command-line override of a key that does not
+exist (`--config.optim.lrr=1`) fails, naming the key.
+"""
+import dataclasses
+
+import ml_collections
+
+from mixreorg_jax.data import pipeline, synthetic
+from mixreorg_jax.models import presets
+
+
+def parse_variant(arg: str | None, known: tuple[str, ...], default: str) -> str:
+    """The variant named by `configs/x.py:variant`; an unknown one is an error listing the known."""
+    variant = arg or default
+    if variant not in known:
+        raise ValueError(f"unknown config variant {variant!r}; known: {', '.join(known)}")
+    return variant
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = presets.get_model_config("demo")
+
+    # Input pipeline (mixreorg_jax/data/pipeline.py has every field). `datasets`: prepared TFDS
+    # directories with split and weight, or {"synthetic": True} for the built-in world, prepared
+    # on first use under `synthetic_dir` with the `synthetic_world` settings.
+    c.data = pipeline.get_config_defaults()
+    c.data.datasets = [dict(synthetic=True, split="train", weight=1.0)]
+    c.data.synthetic_dir = "~/tensorflow_datasets/mixreorg_synthetic"
+    c.data.synthetic_world = ml_collections.ConfigDict(
+        dataclasses.asdict(synthetic.WorldConfig()))
+    c.data.batch_size = 64
+
+    # Duration: steps, or epochs of the (first) training dataset when > 0.
+    c.total_steps = 1000
+    c.total_epochs = 0.0
+    c.warmup_steps = 100
+    c.warmup_epochs = 0.0
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1.6e-3, warmup_lr=4e-6, min_lr=4e-5, scale_lr_by_batch=True,
+        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=5.0))
+
+    # MixReorg (method.md §4); enabled=False is plain GroupViT training.
+    c.mix = ml_collections.ConfigDict(dict(
+        enabled=True, group_size=2, block_size=1, contextual_depth=1,
+        progressive_weight=1.0, progressive_mode="add"))
+
+    # Loss weights; a weight of 0 skips the term.
+    c.loss = ml_collections.ConfigDict(dict(
+        contrastive=1.0, multi_label=1.0, restore=1.0, mixseg=1.0, mixseg_negatives="group"))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
+    c.log_every_steps = 50
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, max_to_keep=3, async_save=True))
+    # Resume order: the workdir's own checkpoint, else `resume` (another run's checkpoints/ dir or
+    # workdir), else `model_init` (parameters only: our checkpoint or export, a converted Hugging
+    # Face GroupViT, or a Hugging Face ViT/DeiT folder for the backbone), else scratch.
+    c.resume = ""
+    c.model_init = ""
+
+    # In-loop evaluators (mixreorg_jax/evaluators): name -> dict(type=..., every_steps=..., ...).
+    c.evals = ml_collections.ConfigDict()
+    return c
+
+
+VARIANTS = ("paper", "demo", "tiny")
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    """Sizes, data and schedule of a variant; method switches are left to the config file.
+
+    paper: GroupViT-S, global batch 4096, 30 epochs (2 warm-up) of prepared CC12M.
+    demo:  the README's main job: the demo model on the synthetic world, minutes on 2 CPU cores.
+    tiny:  a few steps of the tiny model on a tiny synthetic world (tests).
+    """
+    if variant == "paper":
+        c.model = presets.get_model_config("groupvit_s")
+        c.data.datasets = [dict(dir="~/tensorflow_datasets/cc12m", split="train", weight=1.0)]
+        c.data.batch_size = 4096
+        c.data.worker_count = 16
+        c.total_epochs, c.warmup_epochs = 30.0, 2.0
+        c.log_every_steps = 100
+        c.checkpoint.every_steps = 1000
+        c.model.dtype = "bfloat16"
+    elif variant == "demo":
+        c.model = presets.get_model_config("demo")
+        c.data.batch_size = 128
+        c.total_steps, c.warmup_steps = 1500, 100
+        c.optim.lr, c.optim.min_lr, c.optim.warmup_lr = 1e-3, 1e-5, 1e-6
+        c.optim.scale_lr_by_batch = False
+        c.log_every_steps = 50
+        c.checkpoint.every_steps = 500
+    elif variant == "tiny":
+        c.model = presets.get_model_config("tiny")
+        c.data.batch_size = 16
+        c.data.synthetic_dir = "/tmp/mixreorg_tiny_synthetic"
+        c.data.synthetic_world.update(dict(image_size=32, train_size=256, validation_size=16,
+                                           test_size=16))
+        c.total_steps, c.warmup_steps = 6, 2
+        c.optim.lr, c.optim.scale_lr_by_batch = 1e-3, False
+        c.log_every_steps = 2
+        c.checkpoint.every_steps = 3
+    # The input pipeline follows the model's input size and context length.
+    c.data.image_size = c.model.image_size
+    c.data.context_length = c.model.context_length
+    return c

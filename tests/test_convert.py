@@ -1,0 +1,303 @@
+"""Hugging Face <-> ours: numerical parity with transformers.GroupViTModel, exact round trips, errors.
+
+torch and transformers are the reference here only; the conversion itself never imports torch.
+Graphs are compiled with XLA's CPU optimisation level 0 (several times faster to compile; the
+numerics agree with the default level far inside the 1e-4 tolerance).
+"""
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from mixreorg_jax import checkpoint_io, convert
+from mixreorg_jax.models import groupvit, presets
+
+EOT = 49407
+fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+                                                       "xla_llvm_disable_expensive_passes": True})
+
+
+def _small_hf_config(width=32, heads=2, depths=(2, 1, 1), group_tokens=(8, 4, 0), output_groups=(8, 4, 4),
+                     image_size=32, patch_size=4, mlp=4, assign_mlp_ratio=(0.5, 4), text_width=32,
+                     text_layers=2, text_heads=2, context=16, projection=(32, 64)):
+    return transformers.GroupViTConfig(
+        text_config=dict(hidden_size=text_width, intermediate_size=mlp * text_width,
+                         num_hidden_layers=text_layers, num_attention_heads=text_heads,
+                         max_position_embeddings=context),
+        vision_config=dict(hidden_size=width, intermediate_size=mlp * width, depths=list(depths),
+                           num_hidden_layers=sum(depths), num_group_tokens=list(group_tokens),
+                           num_output_groups=list(output_groups), num_attention_heads=heads,
+                           image_size=image_size, patch_size=patch_size,
+                           assign_mlp_ratio=list(assign_mlp_ratio)),
+        projection_dim=projection[0], projection_intermediate_dim=projection[1])
+
+
+SMALL_CONFIGS = {
+    # The 'tiny' preset's shape.
+    "three_stages": dict(),
+    # Grouping in every stage, other head count, MLP ratios and patch size.
+    "three_groupings": dict(width=24, heads=3, depths=(1, 1, 1), group_tokens=(6, 4, 2),
+                            output_groups=(6, 4, 2), image_size=24, patch_size=6, mlp=2,
+                            assign_mlp_ratio=(1.0, 2), text_width=16, text_layers=1, context=8),
+}
+
+
+def _hf_model(hf_config, seed):
+    """An HF GroupViTModel in eval mode with every tensor random (BatchNorm running stats included,
+    which HF initialises to 0 / 1 and would leave their mapping untested)."""
+    torch.manual_seed(seed)
+    model = transformers.GroupViTModel(hf_config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda shape: torch.randn(shape, generator=gen)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                tensor.fill_(seed + 3)
+            elif name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
+            elif name == "logit_scale":
+                tensor.fill_(2.0)
+            elif tensor.ndim >= 2:
+                tensor.copy_(randn(tensor.shape) * min(0.2, tensor.shape[-1] ** -0.5))
+            elif name.endswith(".weight"):  # LayerNorm and BatchNorm scales.
+                tensor.copy_(1 + 0.1 * randn(tensor.shape))
+            else:
+                tensor.copy_(0.1 * randn(tensor.shape))
+    return model
+
+
+def _tokens(batch, length, seed):
+    """CLIP-like ids: SOT, random BPE ids, EOT (the largest id), zero padding."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((batch, length), np.int64)
+    for i, eot in enumerate(rng.integers(2, length, batch)):
+        ids[i, 0] = EOT - 1
+        ids[i, 1:eot] = rng.integers(1, EOT - 1, eot - 1)
+        ids[i, eot] = EOT
+    return ids
+
+
+def _relative_error(ours, reference):
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    assert ours.shape == reference.shape
+    return np.abs(ours - reference).max() / np.abs(reference).max()
+
+
+def _hf_image_forward(model, pixels):
+    """HF's vision tower + projector at any resolution (its GroupViTModel never interpolates)."""
+    vision = model.vision_model
+    with torch.no_grad():
+        hidden = vision.embeddings(pixels, interpolate_pos_encoding=True)
+        encoded = vision.encoder(hidden, output_attentions=True, return_dict=True)
+        pooled = vision.layernorm(encoded.last_hidden_state).mean(dim=1)
+        embedding = model.visual_projection(pooled)
+    return embedding / embedding.norm(dim=-1, keepdim=True), encoded.attentions
+
+
+def _nhwc(pixels):
+    return pixels.permute(0, 2, 3, 1).numpy()
+
+
+def _ours(config):
+    """Jitted (image, text) forward and image-only forward of GroupViT(config) in eval mode."""
+    model = groupvit.GroupViT(config)
+    both = fast_jit(lambda v, images, tokens: model.apply(v, images, tokens))
+    image = fast_jit(lambda v, images: model.apply(v, images, method=groupvit.GroupViT.encode_image))
+    return both, image
+
+
+def _assert_matches_hf(hf_model, variables, config, pixels, tokens):
+    both, _ = _ours(config)
+    with torch.no_grad():
+        reference = hf_model(input_ids=torch.tensor(tokens), pixel_values=pixels, output_attentions=True)
+    ours = both(variables, _nhwc(pixels), tokens)
+    assert _relative_error(ours["image_embedding"], reference.image_embeds) < 1e-4
+    assert _relative_error(ours["text_embedding"], reference.text_embeds) < 1e-4
+    assert _relative_error(ours["logits_per_image"], reference.logits_per_image) < 1e-4
+    hf_maps = reference.vision_model_output.attentions
+    assert len(ours["soft_assignments"]) == len(hf_maps)
+    for soft, hf_map in zip(ours["soft_assignments"], hf_maps):
+        # HF: [B, G, N]; ours token -> group [B, N, G].
+        assert _relative_error(soft, hf_map.transpose(1, 2)) < 1e-4
+
+
+def _assert_image_matches_hf(hf_model, variables, config, pixels):
+    _, image = _ours(config)
+    reference, hf_maps = _hf_image_forward(hf_model, pixels)
+    ours = image(variables, _nhwc(pixels))
+    assert _relative_error(ours["embedding"], reference) < 1e-4
+    assert len(ours["soft_assignments"]) == len(hf_maps)
+    for soft, hf_map in zip(ours["soft_assignments"], hf_maps):
+        assert _relative_error(soft, hf_map.transpose(1, 2)) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """(HF model, its saved folder) for the 'three_stages' config."""
+    hf_config = _small_hf_config(**SMALL_CONFIGS["three_stages"])
+    model = _hf_model(hf_config, seed=0)
+    folder = str(tmp_path_factory.mktemp("hf_tiny"))
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_CONFIGS))
+def test_small_models_match_hf_through_the_cli(name, tmp_path):
+    hf_config = _small_hf_config(**SMALL_CONFIGS[name])
+    hf_model = _hf_model(hf_config, seed=1)
+    hf_model.save_pretrained(tmp_path / "hf")
+    convert.main(["from-hf", "--hf_dir", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt")])
+    variables, config = checkpoint_io.load_model(str(tmp_path / "ckpt"))
+    size = hf_config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    _assert_matches_hf(hf_model, variables, config, pixels,
+                       _tokens(2, hf_config.text_config.max_position_embeddings, seed=3))
+
+
+def test_small_model_matches_hf_at_twice_the_resolution(tiny_hf):
+    hf_model, folder = tiny_hf
+    tensors, hf_config = convert.read_hf_folder(folder)
+    config = convert.hf_config_to_model_config(hf_config)
+    variables = convert.params_from_hf(tensors, config)
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    _assert_image_matches_hf(hf_model, variables, config, pixels)
+
+
+def test_groupvit_s_matches_hf_at_224_and_448(tmp_path):
+    # HF's default GroupViTConfig is GroupViT-S.
+    hf_model = _hf_model(transformers.GroupViTConfig(), seed=5)
+    hf_model.save_pretrained(tmp_path)
+    tensors, hf_config = convert.read_hf_folder(str(tmp_path))
+    config = convert.hf_config_to_model_config(hf_config)
+    expected = presets.get_model_config("groupvit_s").to_dict()
+    # HF rounds the initial logit scale to 2.6592 ~ log(1 / 0.07); it is only an initial value.
+    assert abs(config.logit_scale_init - expected.pop("logit_scale_init")) < 1e-4
+    assert {k: v for k, v in config.to_dict().items() if k != "logit_scale_init"} == expected
+    variables = convert.params_from_hf(tensors, config)
+    del tensors
+    gen = torch.Generator().manual_seed(6)
+    _assert_matches_hf(hf_model, variables, config, torch.randn(2, 3, 224, 224, generator=gen),
+                       _tokens(2, 77, seed=7))
+    _assert_image_matches_hf(hf_model, variables, config, torch.randn(1, 3, 448, 448, generator=gen))
+
+
+def test_round_trip_reproduces_every_tensor(tiny_hf, tmp_path):
+    hf_model, folder = tiny_hf
+    convert.main(["from-hf", "--hf_dir", folder, "--output", str(tmp_path / "ckpt")])
+    convert.main(["to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")])
+    original = checkpoint_io.read_safetensors(os.path.join(folder, "model.safetensors"))
+    exported = checkpoint_io.read_safetensors(str(tmp_path / "hf" / "model.safetensors"))
+    assert set(exported) == set(original)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype, name
+        assert np.array_equal(exported[name], tensor), name
+
+    reloaded, info = transformers.GroupViTModel.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    reloaded_state = reloaded.state_dict()
+    for name, tensor in hf_model.state_dict().items():
+        assert torch.equal(reloaded_state[name], tensor), name
+
+
+def test_sharded_hf_folder_reads_like_a_single_file(tiny_hf, tmp_path):
+    hf_model, folder = tiny_hf
+    hf_model.save_pretrained(tmp_path, max_shard_size="2MB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    sharded, _ = convert.read_hf_folder(str(tmp_path))
+    single, _ = convert.read_hf_folder(folder)
+    assert set(sharded) == set(single)
+    assert all(np.array_equal(sharded[name], single[name]) for name in single)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "groupvit_s"])
+def test_config_mapping_round_trips(preset):
+    config = presets.get_model_config(preset)
+    back = convert.hf_config_to_model_config(convert.model_config_to_hf_config(config),
+                                             drop_path_rate=config.drop_path_rate)
+    assert back.to_dict() == config.to_dict()
+    # transformers accepts what we write.
+    hf_config = transformers.GroupViTConfig(**convert.model_config_to_hf_config(config))
+    assert hf_config.vision_config.num_output_groups == list(config.num_output_groups)
+
+
+def test_mismatched_shapes_missing_and_unexpected_tensors_are_named(tiny_hf):
+    _, folder = tiny_hf
+    tensors, hf_config = convert.read_hf_folder(folder)
+    wider = convert.hf_config_to_model_config(hf_config)
+    wider.width = 48
+    with pytest.raises(ValueError) as error:
+        convert.params_from_hf(tensors, wider)
+    assert "shape mismatch vision_model.embeddings.position_embeddings: expected (1, 64, 48), " \
+           "got (1, 64, 32)" in str(error.value)
+
+    config = convert.hf_config_to_model_config(hf_config)
+    tensors = dict(tensors)
+    del tensors["visual_projection.1.running_mean"]
+    tensors["vision_model.encoder.stages.0.extra"] = np.zeros(3, np.float32)
+    with pytest.raises(ValueError) as error:
+        convert.params_from_hf(tensors, config)
+    assert "missing visual_projection.1.running_mean (expected shape (64,))" in str(error.value)
+    assert "unexpected vision_model.encoder.stages.0.extra (shape (3,))" in str(error.value)
+
+
+def test_hf_folder_whose_config_disagrees_with_its_weights(tiny_hf, tmp_path):
+    _, folder = tiny_hf
+    with open(os.path.join(folder, "config.json")) as f:
+        hf_config = json.load(f)
+    hf_config["text_config"]["max_position_embeddings"] = 20
+    os.symlink(os.path.join(folder, "model.safetensors"), tmp_path / "model.safetensors")
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(hf_config, f)
+    with pytest.raises(ValueError, match=r"text_model\.embeddings\.position_embedding\.weight: "
+                                         r"expected \(20, 32\), got \(16, 32\)"):
+        convert.main(["from-hf", "--hf_dir", str(tmp_path), "--output", str(tmp_path / "ckpt")])
+    assert not os.path.exists(tmp_path / "ckpt")
+
+
+def test_checkpoint_loaded_into_another_model_shape(tiny_hf, tmp_path):
+    _, folder = tiny_hf
+    config = convert.from_hf(folder, str(tmp_path / "ckpt"))
+    other = config.copy_and_resolve_references()
+    other.num_group_tokens = (6, 4, 0)
+    other.num_output_groups = (6, 4, 4)
+    with pytest.raises(ValueError, match=r"shape mismatch params/vision/stages_0/group_tokens: "
+                                         r"expected \(1, 6, 32\), got \(1, 8, 32\)"):
+        checkpoint_io.load_model(str(tmp_path / "ckpt"), other)
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert.from_hf(folder, str(tmp_path / "ckpt"))
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No config.json in"):
+        convert.main(["from-hf", "--hf_dir", str(tmp_path), "--output", str(tmp_path / "out")])
+    (tmp_path / "config.json").write_text(json.dumps(convert.model_config_to_hf_config(
+        presets.get_model_config("tiny"))))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="No model.safetensors in .*found pytorch_model.bin"):
+        convert.main(["from-hf", "--hf_dir", str(tmp_path), "--output", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match="No model checkpoint directory at .*nowhere"):
+        convert.main(["to-hf", "--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="model_config/metadata is missing"):
+        checkpoint_io.load_model(str(tmp_path))
+
+
+def test_unsupported_hf_configs_are_refused():
+    hf_config = convert.model_config_to_hf_config(presets.get_model_config("tiny"))
+    hf_config["vision_config"]["hidden_act"] = "relu"
+    with pytest.raises(ValueError, match="GELU"):
+        convert.hf_config_to_model_config(hf_config)
+    with pytest.raises(ValueError, match="Not a GroupViT config"):
+        convert.hf_config_to_model_config({"model_type": "clip"})
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "from-hf" in out and "to-hf" in out
