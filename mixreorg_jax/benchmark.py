@@ -123,7 +123,7 @@ def time_pytorch(config: ml_collections.ConfigDict, steps: int, warmup: int) -> 
         loss = step()
     seconds = time.perf_counter() - t0
     return {"images_per_sec": steps * config.data.batch_size / seconds,
-            "step_ms": 1000 * seconds / steps, "loss": float(loss), "threads":
+            "step_ms": 1000 * seconds / steps, "loss": loss.item(), "threads":
             torch.get_num_threads()}
 
 
