@@ -144,7 +144,7 @@ def load_model(path: str, config: ml_collections.ConfigDict | None = None
     expected = abstract_variables(config)
     check_shapes({k: tuple(v.shape) for k, v in flatten_tree(stored).items()},
                  {k: v.shape for k, v in flatten_tree(expected).items()}, f"checkpoint {path}")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), expected)
     restored = checkpointer.restore(path, args=ocp.args.Composite(**{
         _VARIABLES: ocp.args.StandardRestore(target)}))[_VARIABLES]

@@ -1,0 +1,13 @@
+r"""Zero-shot ADE20K (SceneParsing) validation: 150 classes, no background (method.md section 2).
+
+  python -m mixreorg_jax.evaluate --config configs/eval/ade20k.py \
+      --config.data_dir=~/data --checkpoint=CKPT --output_dir=/tmp/eval_ade20k
+
+data_dir: the folder holding ADEChallengeData2016.
+"""
+from mixreorg_jax.evaluators import segmentation
+
+
+def get_config(arg=None):
+    del arg
+    return segmentation.default_config("ade20k").lock()

@@ -1,0 +1,107 @@
+"""Segmenting a picture by class names: the CLI's two PNGs and `model.segment` from the handle."""
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import mixreorg_jax
+from mixreorg_jax import checkpoint_io, segment, visualize
+from mixreorg_jax.models import presets
+
+# The tiny model's own input size: 32 px windows at stride 16, short side 32.
+SMALL_PROTOCOL = ["--short_side", "32", "--window", "32", "--stride", "16"]
+CLASSES = ("cat", "dog", "grass")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny model checkpoint with random weights (drawn in numpy: initialising the model would
+    compile both towers for nothing)."""
+    config = presets.get_model_config("tiny")
+    rng = np.random.default_rng(0)
+
+    def random_leaf(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if np.issubdtype(leaf.dtype, np.integer):
+            return np.zeros(leaf.shape, leaf.dtype)
+        if "'var'" in name or "'scale'" in name:
+            return (1 + 0.1 * rng.random(leaf.shape)).astype(leaf.dtype)
+        return (rng.standard_normal(leaf.shape) * 0.3).astype(leaf.dtype)
+
+    variables = jax.tree_util.tree_map_with_path(random_leaf,
+                                                 checkpoint_io.abstract_variables(config))
+    path = str(tmp_path_factory.mktemp("model") / "tiny")
+    checkpoint_io.save_model(path, variables, config)
+    return path
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    image[10:30, 20:50] = (200, 40, 40)
+    path = str(tmp_path_factory.mktemp("pictures") / "picture.png")
+    Image.fromarray(image).save(path)
+    return path, image
+
+
+def test_cli_writes_overlay_and_indexed_mask(checkpoint, picture, tmp_path, capsys):
+    path, image = picture
+    output = str(tmp_path / "seg.png")
+    segment.main(["--checkpoint", checkpoint, "--image", path, "--classes", " cat, dog,grass ",
+                  "--output", output, "--bg_thresh", "0.5"] + SMALL_PROTOCOL)
+    printed = capsys.readouterr().out
+    assert "background" in printed and "grass" in printed
+
+    with Image.open(output) as overlay:
+        assert overlay.mode == "RGB" and overlay.size == (70, 45)
+        overlay = np.array(overlay)
+    mask_file = segment.mask_path(output)
+    assert mask_file == str(tmp_path / "seg_mask.png")
+    with Image.open(mask_file) as mask_image:
+        assert mask_image.mode == "P" and mask_image.size == (70, 45)
+        palette = np.array(mask_image.getpalette(), np.uint8).reshape(-1, 3)
+        mask = np.array(mask_image)
+    np.testing.assert_array_equal(palette[:256], visualize.label_palette(has_background=True))
+    assert mask.min() >= 0 and mask.max() <= len(CLASSES)
+    # Background pixels keep the picture; the others are blended with their class colour.
+    np.testing.assert_array_equal(overlay[mask == 0], image[mask == 0])
+    np.testing.assert_array_equal(
+        overlay, visualize.overlay(image, mask, visualize.label_palette(True), alpha=0.5))
+
+    # The Python handle gives the same labels.
+    model = mixreorg_jax.load(checkpoint)
+    labels = model.segment(image, list(CLASSES), bg_thresh=0.5, short_side=32, window=32,
+                           stride=16)
+    np.testing.assert_array_equal(labels, mask)
+
+    # Without a background threshold every pixel gets one of the classes.
+    labels = model.segment(image, list(CLASSES), short_side=32, window=32, stride=16)
+    assert labels.shape == (45, 70) and labels.dtype == np.int32
+    assert labels.min() >= 0 and labels.max() < len(CLASSES)
+
+
+def test_bad_input_is_a_one_line_error(checkpoint, picture, tmp_path):
+    path, _ = picture
+    cases = [(["--image", str(tmp_path / "missing.jpg"), "--checkpoint", checkpoint], "no image"),
+             (["--image", path, "--checkpoint", str(tmp_path / "no_model")], "no model")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            segment.main(argv + ["--classes", "cat", "--output", str(tmp_path / "o.png")])
+        assert str(exit_info.value.code).startswith("error: ") and message in str(
+            exit_info.value.code)
+    with pytest.raises(ValueError, match="class names"):
+        segment.segment({}, presets.get_model_config("tiny"), np.zeros((8, 8, 3), np.uint8), [])
+
+
+def test_label_palette_and_png_round_trip(tmp_path):
+    for has_background in (True, False):
+        palette = visualize.label_palette(has_background)
+        assert palette.shape == (256, 3) and palette.dtype == np.uint8
+        assert tuple(palette[255]) == (255, 255, 255)
+        assert len({tuple(c) for c in palette[:151]}) == 151  # ADE20K's classes all distinct
+        assert (tuple(palette[0]) == (0, 0, 0)) == has_background
+    labels = np.random.default_rng(0).integers(0, 151, (5, 7))
+    labels[0, 0] = 255
+    visualize.save_label_png(str(tmp_path / "l.png"), labels, visualize.label_palette())
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "l.png")), labels)
