@@ -26,6 +26,7 @@ setuptools.setup(
         "regex",
         "nltk",
         "pyarrow",
+        "importlib_resources",
         "pillow",
         "numpy",
         "matplotlib",
