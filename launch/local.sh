@@ -24,10 +24,18 @@ run() {
 
 run python -m mixreorg_jax.train --config configs/mixreorg.py:demo --workdir "$workdir" \
   --config.data.synthetic_dir="$data_dir" "$@"
+# The world the demo trained on (prepared by then; this only finds its directory).
+world_dir="$data_dir"
+if (( ! dry_run )); then
+  world_dir=$(python -c "import runpy; from mixreorg_jax.data import pipeline
+c = runpy.run_path('configs/mixreorg.py')['get_config']('demo')
+c.data.synthetic_dir = '$data_dir'
+print(pipeline.prepare_synthetic_world(c.data))" | tail -1)
+fi
 run python -m mixreorg_jax.evaluate --config configs/eval/synthetic.py \
-  --config.data_dir="$data_dir" --checkpoint="$workdir" --output_dir="$workdir/eval" \
+  --config.data_dir="$world_dir" --checkpoint="$workdir" --output_dir="$workdir/eval" \
   --config.save_predictions=8
 if (( ! dry_run )); then
   echo "TensorBoard logs: $workdir/tensorboard  (tensorboard --logdir $workdir/tensorboard)"
-  echo "Results: $workdir/eval/results.json; mask overlays: $(ls "$workdir"/eval/*.png 2>/dev/null | head -1)"
+  echo "Results: $workdir/eval/results.json; mask overlays: $(find "$workdir/eval" -name "*.png" 2>/dev/null | sort | head -1)"
 fi

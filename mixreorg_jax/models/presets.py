@@ -76,22 +76,21 @@ def _tiny() -> ml_collections.ConfigDict:
 
 
 def _demo() -> ml_collections.ConfigDict:
-    """1.5M parameters (plus the 3.2M-entry CLIP token table): trains on two CPU cores in
-    minutes (the synthetic benchmark)."""
+    """A small model that trains on two CPU cores in minutes (the synthetic world, 32 px)."""
     config = _groupvit_s()
     config.update(dict(
-        image_size=64,
+        image_size=32,
         patch_size=4,
-        width=96,
-        num_heads=3,
-        depths=(4, 2, 1),
+        width=64,
+        num_heads=2,
+        depths=(3, 1, 1),
         num_group_tokens=(16, 8, 0),
         num_output_groups=(16, 8, 8),
         drop_path_rate=0.0,
         text_width=64,
-        text_layers=3,
+        text_layers=2,
         text_heads=2,
-        context_length=32,
+        context_length=24,
         projection_dim=64,
         projection_hidden=256,
     ))
