@@ -247,13 +247,13 @@ def test_missing_vocabulary_file(tmp_path):
     "content, message",
     [
         (b"not gzip at all", "not a gzipped UTF-8"),
-        (gzip.compress(b"\xff\xfe not utf-8"), "not a gzipped UTF-8"),
-        (gzip.compress(b"#version: 0.2\na b\n"), "holds 2 merges"),
+        (gzip.compress(b"\xff\xfe not utf-8", mtime=0), "not a gzipped UTF-8"),
+        (gzip.compress(b"#version: 0.2\na b\n", mtime=0), "holds 2 merges"),
         (
-            gzip.compress(b"#version: 0.2\n" + b"a b\n" * 10 + b"abc\n" + b"a b\n" * 50000),
+            gzip.compress(b"#version: 0.2\n" + b"a b\n" * 10 + b"abc\n" + b"a b\n" * 50000, mtime=0),
             "line 12 is not a merge",
         ),
-        (gzip.compress(b"#version: 0.2\n" + b"a b\n" * 50000), "duplicate vocabulary"),
+        (gzip.compress(b"#version: 0.2\n" + b"a b\n" * 50000, mtime=0), "duplicate vocabulary"),
     ],
 )
 def test_corrupt_vocabulary_file(tmp_path, content, message):
