@@ -164,6 +164,10 @@ def test_config_errors_name_the_problem(datasets, tmp_path):
         iterator(config)
     with pytest.raises(ValueError, match="needs 'dir'"):
         config = data_config([datasets["aaa"]])
+        config.datasets = [dict(split="train", weight=1.0)]
+        iterator(config)
+    with pytest.raises(ValueError, match="needs config.data.synthetic_dir"):
+        config = data_config([datasets["aaa"]])
         config.datasets = [dict(synthetic=True, split="train", weight=1.0)]
         iterator(config)
 
