@@ -109,55 +109,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------- Loop
     logging.info("training steps %d -> %d", first_step, total_steps)
     last, pending, tick, tick_step = {}, None, time.time(), first_step
-    with jax.set_mesh(mesh):
-        for step in range(first_step + 1, total_steps + 1):
-            batch = sharding.global_batch(next(train_iter), mesh)
-            state, terms = update_fn(state, batch)
-            # Checked one step late so the host never waits on the step it just launched.
-            if pending is not None:
-                check_finite(*pending, manager)
-            pending = (step, terms)
-            report(step)
+    try:
+        with jax.set_mesh(mesh):
+            for step in range(first_step + 1, total_steps + 1):
+                batch = sharding.global_batch(next(train_iter), mesh)
+                state, terms = update_fn(state, batch)
+                # Checked one step late so the host never waits on the step it just launched.
+                if pending is not None:
+                    check_finite(*pending, manager)
+                pending = (step, terms)
+                report(step)
 
-            if step % config.log_every_steps == 0 or step == total_steps:
-                now = time.time()
-                last = {k: float(v) for k, v in jax.device_get(terms).items()}
-                last["examples_per_sec"] = ((step - tick_step) * config.data.batch_size
-                                            / (now - tick))
-                tick, tick_step = now, step
-                write(step, last)
+                if step % config.log_every_steps == 0 or step == total_steps:
+                    now = time.time()
+                    last = {k: float(v) for k, v in jax.device_get(terms).items()}
+                    last["examples_per_sec"] = ((step - tick_step) * config.data.batch_size
+                                                / (now - tick))
+                    tick, tick_step = now, step
+                    write(step, last)
 
-            stop = preemption.should_stop()
-            if stop or step % config.checkpoint.every_steps == 0 or step == total_steps:
-                check_finite(step, terms, manager)  # never save a diverged state
-                checkpointing.save(manager, step, state, train_iter, force=True)
-            if stop:
-                logging.warning("preempted: saved step %d, stopping", step)
-                break
+                stop = preemption.should_stop()
+                if stop or step % config.checkpoint.every_steps == 0 or step == total_steps:
+                    check_finite(step, terms, manager)  # never save a diverged state
+                    checkpointing.save(manager, step, state, train_iter, force=True)
+                if stop:
+                    logging.warning("preempted: saved step %d, stopping", step)
+                    break
 
-            for name, evaluator in evals:
-                if evaluator.due(step, total_steps):
-                    with report.timed(name):
-                        write(step, {f"{name}/{k}": v for k, v in evaluator.run(state).items()})
+                for name, evaluator in evals:
+                    if evaluator.due(step, total_steps):
+                        with report.timed(name):
+                            results = evaluator.run(state)
+                            write(step, {f"{name}/{k}": v for k, v in results.items()})
 
-    if pending is not None:
-        check_finite(*pending, manager)
-    manager.wait_until_finished()
-    if int(state["step"]) == total_steps:
-        checkpoint_io.save_model(
-            str(workdir / "export"),
-            {"params": state["params"]["model"], "batch_stats": state["batch_stats"]},
-            config.model)
-    preemption.close()
+        if pending is not None:
+            check_finite(*pending, manager)
+        manager.wait_until_finished()
+        if int(state["step"]) == total_steps:
+            checkpoint_io.save_model(
+                str(workdir / "export"),
+                {"params": state["params"]["model"], "batch_stats": state["batch_stats"]},
+                config.model)
+    finally:
+        # Also when the run fails (e.g. diverges): the caller's SIGTERM handling is back.
+        preemption.close()
+        if metrics_file:
+            metrics_file.close()
     writer.flush()
-    if metrics_file:
-        metrics_file.close()
     return last
 
 
 def check_finite(step: int, terms: dict, manager) -> None:
     terms = {k: float(v) for k, v in jax.device_get(terms).items()}
     if not all(math.isfinite(v) for v in terms.values()):
+        manager.wait_until_finished()  # The checkpoint named below is complete on disk.
         raise TrainingDiverged(
             f"non-finite loss at step {step}: {terms}; last good checkpoint: "
             f"step {manager.latest_step()} in {manager.directory}")
@@ -171,6 +176,49 @@ def quiet_orbax_logs():
     logging.get_absl_handler().addFilter(_Filter())
 
 
+def one_line(error: Exception, max_details: int = 3) -> str:
+    """An error's message on one line: its first line and a few detail lines.
+
+    A traceback quoted inside the message (ml_collections quotes the config file's) is reduced
+    to its last line, the exception itself.
+    """
+    lines = [" ".join(line.split()) for line in str(error).splitlines()]
+    lines = [line for line in lines if line]
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        lines = [lines[0], lines[-1]]
+    more = len(lines) - 1 - max_details
+    return "; ".join(lines[:1 + max_details]) + (f"; ... ({more} more)" if more > 0 else "")
+
+
+def _missing_config_field(error: Exception) -> str | None:
+    """The key named by ml_collections' error for a missing field (AttributeError(KeyError))."""
+    while isinstance(error, (AttributeError, KeyError)) and error.args:
+        if not isinstance(error.args[0], Exception):
+            return str(error.args[0])
+        error = error.args[0]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a config mistake (an unknown field, a bad value) as one line.
+
+    ml_collections raises a bare AttributeError for a `--config.x.y=...` override of a field the
+    config does not have, which absl would show as a traceback.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        message = _missing_config_field(e) or str(e)
+        key = message.splitlines()[0].strip("'\"")
+        culprit = [a for a in argv[1:] if a.startswith("--config.")
+                   and key in a.split("=")[0].split(".")]
+        where = culprit[0] if culprit else "a --config override"
+        raise SystemExit(f"error: {where}: no such config field "
+                         f"{one_line(ValueError(message))}") from None
+    except (flags.Error, TypeError, ValueError) as e:
+        raise SystemExit(f"error: {one_line(e)}") from None
+
+
 def main(argv):
     del argv
     quiet_orbax_logs()
@@ -180,9 +228,9 @@ def main(argv):
     except (TrainingDiverged, ValueError, FileNotFoundError) as e:
         # Expected failures (bad config, missing data, a checkpoint of another model, divergence)
         # end with one clear line rather than a traceback through XLA.
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {one_line(e)}") from None
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
