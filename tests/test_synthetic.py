@@ -115,6 +115,25 @@ def test_colour_and_texture_carry_no_information_about_the_class():
   assert observed > 0.3 * class_entropy and p_value < 0.01
 
 
+def test_class_textures_tie_the_pattern_but_not_the_colour_to_the_class():
+  config = synthetic.WorldConfig(image_size=32, class_texture_prob=0.5)
+  objects = [o for i in range(300) for o in synthetic.generate_example(i, "train", config)["objects"]]
+  signature = [o["texture"] == synthetic.CLASS_TEXTURES[o["class_id"] - 1] for o in objects]
+  assert 0.4 < np.mean(signature) < 0.6
+  assert all(o["texture"] in synthetic.TEXTURES for o, s in zip(objects, signature) if not s)
+  classes = np.array([o["class_id"] for o in objects])
+  colours = np.array([o["colour_id"] for o in objects])
+  observed, p_value = _permutation_p_value(classes, colours, np.random.default_rng(0))
+  assert observed < 0.05 * np.log(len(np.unique(classes))) and p_value > 0.01, (observed, p_value)
+  # The pattern is visible: striped classes alternate between two shades along their axis.
+  example = synthetic.generate_example(
+      0, "train", synthetic.WorldConfig(image_size=64, class_texture_prob=1.0, noise_std=0.0,
+                                        min_objects=1, max_objects=1))
+  [obj] = example["objects"]
+  pixels = example["image"][example["mask"] == obj["class_id"]]
+  assert len(np.unique(pixels.round(-1), axis=0)) >= (1 if obj["texture"] == "solid" else 2)
+
+
 def test_colour_only_classifiers_are_near_chance():
   result = synthetic.colour_only_baseline(synthetic.WorldConfig(), num_train=150, num_test=60)
   assert result["object_accuracy"] < 2 * result["chance_accuracy"]

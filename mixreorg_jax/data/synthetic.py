@@ -83,6 +83,11 @@ COLOUR_NAMES = tuple(name for name, _ in PALETTE)
 _PALETTE_RGB = np.array([rgb for _, rgb in PALETTE], np.float32)
 
 TEXTURES = ("flat", "stripes", "dots", "gradient")
+# With `class_texture_prob` > 0, objects may wear their class's signature pattern instead (class c
+# wears CLASS_TEXTURES[(c - 1) % 8]): fixed in the image frame, so it does not turn with the shape,
+# with a period of `image_size / 8` pixels (two patches of 4 px at 32 px).
+CLASS_TEXTURES = ("hstripes", "vstripes", "dstripes", "astripes", "checks", "spots", "solid",
+                  "grid")
 BACKGROUND_STYLES = ("blotches", "gradient", "stripes", "noise")
 _BACKGROUND_WORDS = {
     "blotches": ("blotchy", "mottled", "textured"), "gradient": ("gradient", "smooth", "shaded"),
@@ -107,6 +112,9 @@ class WorldConfig:
   # A new object may hide at most this fraction of any earlier object.
   max_occluded_fraction: float = 0.3
   texture_prob: float = 0.5  # probability that an object is striped/dotted/gradient, not flat
+  # Probability that an object wears its class's signature pattern (CLASS_TEXTURES), a cue a
+  # single patch shows; otherwise its texture is drawn as above, independently of the class.
+  class_texture_prob: float = 0.0
   colour_word_prob: float = 0.4  # probability that a caption names an object's colour
   relation_prob: float = 0.4  # probability of "A above B" etc. when two single objects exist
   synonym_prob: float = 0.0  # probability that a caption uses a shape's synonym
@@ -135,7 +143,8 @@ class WorldConfig:
       raise ValueError(f"background_dimming must be in [0, 1), got {self.background_dimming}")
     if not 0 <= self.max_occluded_fraction < 1:
       raise ValueError(f"max_occluded_fraction must be in [0, 1), got {self.max_occluded_fraction}")
-    for name in ("texture_prob", "colour_word_prob", "relation_prob", "synonym_prob"):
+    for name in ("texture_prob", "class_texture_prob", "colour_word_prob", "relation_prob",
+                 "synonym_prob"):
       if not 0 <= getattr(self, name) <= 1:
         raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
     for name in ("train_size", "validation_size", "test_size"):
@@ -311,6 +320,28 @@ def _object_texture(rng, texture: str, rgb: np.ndarray, u, v, radius: float) -> 
   return rgb[:, None] + (shade - rgb)[:, None] * weight[None]
 
 
+def _class_texture(rng, texture: str, rgb: np.ndarray, x, y, period: float) -> np.ndarray:
+  """Colours of an object's pixels in its class's pattern. x, y: float32[N] image pixel centres."""
+  if texture == "solid":
+    return np.broadcast_to(rgb[:, None], (3, x.size))
+  # A random phase, so the pattern carries no position.
+  x, y = x / period + rng.random(), y / period + rng.random()
+  stripes = {"hstripes": y, "vstripes": x, "dstripes": (x + y) / math.sqrt(2),
+             "astripes": (x - y) / math.sqrt(2)}
+  if texture in stripes:
+    weight = stripes[texture] % 1 < 0.5
+  elif texture == "checks":
+    weight = (x % 1 < 0.5) ^ (y % 1 < 0.5)
+  elif texture == "spots":
+    weight = (x % 1 - 0.5) ** 2 + (y % 1 - 0.5) ** 2 <= 0.3 ** 2
+  elif texture == "grid":
+    weight = (x % 1 < 0.3) | (y % 1 < 0.3)
+  else:
+    raise ValueError(f"Unknown class texture {texture!r}")
+  shade = _second_shade(rgb)
+  return rgb[:, None] + (shade - rgb)[:, None] * weight.astype(np.float32)[None]
+
+
 def _propose_object(rng, config: WorldConfig):
   """Random pose of one object -> (class_id, centre_xy, radius, angle)."""
   size = config.image_size
@@ -452,11 +483,20 @@ def generate_example(index: int, split: str, config: WorldConfig = WorldConfig()
     else:
       continue  # no room for this object: the caption will not name it
     colour_id = object_colours[rng.integers(len(object_colours))]
-    textured = rng.random() < config.texture_prob
-    texture = TEXTURES[1 + rng.integers(len(TEXTURES) - 1)] if textured else "flat"
-    rgb = _jittered(rng, _PALETTE_RGB[colour_id])
-    canvas[:, y0:y1, x0:x1][:, inside] = _object_texture(rng, texture, rgb, u[inside], v[inside],
-                                                        radius)
+    # Drawn only when enabled, so worlds without class textures keep their random streams.
+    if config.class_texture_prob and rng.random() < config.class_texture_prob:
+      texture = CLASS_TEXTURES[(class_id - 1) % len(CLASS_TEXTURES)]
+      rgb = _jittered(rng, _PALETTE_RGB[colour_id])
+      ys, xs = np.nonzero(inside)
+      canvas[:, y0:y1, x0:x1][:, inside] = _class_texture(
+          rng, texture, rgb, (xs + x0 + 0.5).astype(np.float32),
+          (ys + y0 + 0.5).astype(np.float32), size / 8)
+    else:
+      textured = rng.random() < config.texture_prob
+      texture = TEXTURES[1 + rng.integers(len(TEXTURES) - 1)] if textured else "flat"
+      rgb = _jittered(rng, _PALETTE_RGB[colour_id])
+      canvas[:, y0:y1, x0:x1][:, inside] = _object_texture(rng, texture, rgb, u[inside],
+                                                          v[inside], radius)
     instance[y0:y1, x0:x1][inside] = len(placed) + 1
     visible -= hidden
     visible[len(placed) + 1] = area
