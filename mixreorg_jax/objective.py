@@ -79,6 +79,9 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
         grid = (images.shape[1] // patch, images.shape[2] // patch)
         plan = mixing.mixing_plan(plan_rng, b, grid, config.mix.group_size,
                                   config.mix.block_size)
+    if not config.loss.multi_label:
+        prompts = prompts[:, :0]  # Not encoded: only the multi-label loss reads them.
+        p = 0
     texts = jnp.concatenate([tokens[:, None], prompts], axis=1).reshape(b * (1 + p), length)
 
     out, updates = model.apply(

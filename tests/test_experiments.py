@@ -1,0 +1,69 @@
+"""The synthetic benchmark's driver: run configs, the results table and the plots."""
+import json
+
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+from mixreorg_jax.experiments import synthetic
+
+
+def test_run_configs_apply_the_run_then_the_common_overrides():
+    config = synthetic.run_config("block_size_2", 3, {"total_steps": 7, "optim.lr": 5e-4}, "/w")
+    assert (config.seed, config.total_steps, config.optim.lr) == (3, 7, 5e-4)
+    assert config.mix.enabled and config.mix.block_size == 2
+    assert config.data.synthetic_dir == "/w"
+    assert not synthetic.run_config("groupvit", 0, {}, "/w").mix.enabled
+    with pytest.raises(ValueError, match="optim.lrr"):
+        synthetic.run_config("mixreorg", 0, {"optim.lrr": 1.0}, "/w")
+    with pytest.raises(ValueError, match="unknown run 'mixup'"):
+        synthetic.run_config("mixup", 0, {}, "/w")
+
+
+def test_parse_value():
+    assert synthetic.parse_value("3") == 3
+    assert synthetic.parse_value("1e-3") == 1e-3
+    assert synthetic.parse_value("True") is True
+    assert synthetic.parse_value("[1, 2]") == [1, 2]
+    assert synthetic.parse_value("group") == "group"
+
+
+def _summary(name, seed, miou):
+    curves = [{"step": s, "contrastive": 4.0 - s / 100, "mixseg": 0.69} for s in (10, 20)]
+    return dict(name=name, seed=seed, miou=miou, steps_per_second=2.0, curves=curves)
+
+
+def test_table_gives_mean_and_std_over_seeds_and_the_command():
+    summaries = [_summary("groupvit", 0, 0.10), _summary("groupvit", 1, 0.20),
+                 _summary("block_size_2", 0, 0.30)]
+    table = synthetic.markdown_table(summaries, "python -m x --seeds=0,1")
+    assert "| groupvit | - | 15.0 ± 5.0 | 10.0 / 20.0 | 2.00 |" in table
+    assert "| block_size_2 | mix.block_size=2 | 30.0 ± 0.0 | 30.0 | 2.00 |" in table
+    assert "Seeds 0, 1; produced by `python -m x --seeds=0,1`." in table
+
+
+def test_main_writes_results_table_and_plots(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_one(name, seed, extra, root, synthetic_dir):
+        calls.append((name, seed, extra))
+        return _summary(name, seed, 0.1 + seed / 10)
+
+    monkeypatch.setattr(synthetic, "run_one", fake_run_one)
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    with flagsaver.flagsaver(output_dir=str(tmp_path), runs=["groupvit", "ablations"],
+                             seeds=["0", "1"], set=["total_steps=5"]):
+        synthetic.main(["synthetic"])
+    assert len(calls) == 2 * (1 + len(synthetic.ABLATIONS))
+    assert calls[0] == ("groupvit", 0, {"total_steps": 5})
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["runs"]) == len(calls)
+    assert (tmp_path / "table.md").read_text().count("\n| ") == 1 + len(synthetic.ABLATIONS)
+    assert "--runs=groupvit,ablations --seeds=0,1 --set=total_steps=5`" in (
+        tmp_path / "table.md").read_text()
+    for name in ("miou.png", "curves.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    with flagsaver.flagsaver(output_dir=str(tmp_path), runs=["mixup"]):
+        with pytest.raises(SystemExit, match="unknown runs"):
+            synthetic.main(["synthetic"])
