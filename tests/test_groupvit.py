@@ -50,6 +50,25 @@ def test_init_shapes_dtypes_and_initial_values(tiny):
     assert not np.any(bn_stats["mean"]) and np.all(bn_stats["var"] == 1) and bn_stats["count"] == 0
 
 
+def test_lecun_normal_weight_init_scales_kernels_by_fan_in_and_keeps_the_tree(tiny):
+    config, _, variables, *_ = tiny
+    config = config.copy_and_resolve_references()
+    config.weight_init = "lecun_normal"
+    lecun = fast_jit(functools.partial(groupvit.init_variables, config))(jax.random.key(0))
+    assert jax.tree.structure(lecun) == jax.tree.structure(variables)
+    params = lecun["params"]
+    for kernel, fan_in in [(params["vision"]["patch_embed"]["kernel"], 4 * 4 * 3),
+                           (params["text"]["blocks_0"]["mlp"]["fc2"]["kernel"], 4 * 32),
+                           (params["image_projector"]["fc1"]["kernel"], 32)]:
+        assert 0.8 < np.std(kernel) * np.sqrt(fan_in) < 1.2
+    # GroupViT's own init is untouched: std 0.02, truncated.
+    kernel = variables["params"]["text"]["blocks_0"]["mlp"]["fc2"]["kernel"]
+    assert 0.015 < np.std(kernel) < 0.02 and np.abs(kernel).max() <= 0.04 + 1e-6
+    config.weight_init = "xavier"
+    with pytest.raises(ValueError, match="weight_init"):
+        groupvit.validate_config(config)
+
+
 def test_forward_shapes_and_normalisation(tiny):
     config, _, variables, images, tokens, forward = tiny
     out = forward(variables, images, tokens)

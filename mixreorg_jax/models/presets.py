@@ -15,6 +15,8 @@ Fields (all read by `mixreorg_jax.models.groupvit`):
       text transformer (CLIP BPE ids; the end-of-text id must be the largest id in a sequence).
   projection_dim, projection_hidden: the two projectors (in -> hidden -> BatchNorm -> ReLU -> out).
   logit_scale_init: initial log of the image-text logit scale.
+  weight_init: 'groupvit' (truncated normal, std 0.02, as GroupViT and HF) or 'lecun_normal'
+      (std 1/sqrt(fan_in), which small widths learn from much faster; see groupvit.weight_init).
   dtype: compute dtype, 'float32' or 'bfloat16' (parameters are always float32).
   remat: rematerialise the transformer blocks in the backward pass (saves activation memory).
 """
@@ -48,6 +50,7 @@ def _groupvit_s() -> ml_collections.ConfigDict:
         projection_dim=256,
         projection_hidden=4096,
         logit_scale_init=math.log(1 / 0.07),
+        weight_init="groupvit",
         dtype="float32",
         remat=False,
     ))
