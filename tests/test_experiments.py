@@ -1,6 +1,9 @@
 """The synthetic benchmark's driver: run configs, the results table and the plots."""
+import functools
 import json
 
+import jax
+import numpy as np
 import pytest
 from absl import flags
 from absl.testing import flagsaver
@@ -67,3 +70,20 @@ def test_main_writes_results_table_and_plots(tmp_path, monkeypatch):
     with flagsaver.flagsaver(output_dir=str(tmp_path), runs=["mixup"]):
         with pytest.raises(SystemExit, match="unknown runs"):
             synthetic.main(["synthetic"])
+
+
+def test_probe_trains_each_readout_and_reports_held_out_accuracy():
+    from mixreorg_jax.experiments import probe
+    from mixreorg_jax.models import presets
+    from mixreorg_jax.data import synthetic as world_lib
+    config = presets.get_model_config("tiny")
+    world = world_lib.WorldConfig(image_size=32, class_texture_prob=1.0)
+    images, presence = probe.make_batch(world, "train", 0, 4)
+    assert images.shape == (4, 32, 32, 3) and presence.shape == (4, 8)
+    assert all(presence[i].sum() >= 1 for i in range(4))
+    records = probe.run(config, world, readout="pooled", lr=1e-3, steps=2, batch_size=4,
+                        log_every=1, held_out_size=4, jit=functools.partial(
+                            jax.jit, compiler_options={"xla_backend_optimization_level": 0}))
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(0 <= r["held_out_top_class_present"] <= 1 and np.isfinite(r["loss"])
+               for r in records)
