@@ -31,9 +31,9 @@ WEIGHT_INITS = ("groupvit", "lecun_normal")
 def weight_init(config: ml_collections.ConfigDict) -> Callable:
     """The initialiser of kernels, position embeddings and group tokens (`config.weight_init`).
 
-    'groupvit': truncated normal, std 0.02, as GroupViT and HF. 'lecun_normal': std
-    1/sqrt(fan_in); at small widths the 0.02 init leaves the image-dependent part of the pooled
-    features about 5x smaller than the constant part, and such models learn far more slowly.
+    'groupvit': truncated normal, std 0.02, as GroupViT and HF (made for width 384). 'lecun_normal':
+    std 1/sqrt(fan_in), larger at small widths such as the demo's 64 (see
+    docs/synthetic_learnability.md).
     """
     name = config.get("weight_init", "groupvit")
     if name not in WEIGHT_INITS:
