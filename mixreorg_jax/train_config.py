@@ -68,6 +68,19 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """Sets dotted fields (`{"optim.lr": 1e-3}`) of `c`; an unknown field is an error naming it."""
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = c
+        for parent in parents:
+            node = node[parent]
+        if leaf not in node:
+            raise ValueError(f"{key}: no such config field")
+        node[leaf] = value
+    return c
+
+
 VARIANTS = ("paper", "demo", "tiny")
 
 

@@ -31,7 +31,8 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from mixreorg_jax import checkpoint_io, model_init, optim, sharding, train, train_step
+from mixreorg_jax import checkpoint_io, model_init, optim, sharding, train, train_config
+from mixreorg_jax import train_step
 from mixreorg_jax.data import pipeline
 from mixreorg_jax.models import groupvit
 
@@ -156,14 +157,7 @@ def tiny_config(name: str, synthetic_dir) -> ml_collections.ConfigDict:
     spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("tiny")
-    for key, value in _overrides(synthetic_dir).items():
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return train_config.apply_overrides(module.get_config("tiny"), _overrides(synthetic_dir))
 
 
 def _overrides(synthetic_dir) -> dict:

@@ -296,6 +296,11 @@ def _paint_background(rng, size: int, colour_ids, dimming: float) -> tuple[np.nd
   return canvas, style
 
 
+def _two_shades(rgb: np.ndarray, shade: np.ndarray, weight: np.ndarray) -> np.ndarray:
+  """Pixels [3, N] blending `rgb` into `shade` by weight[N] (0: rgb, 1: shade)."""
+  return rgb[:, None] + (shade - rgb)[:, None] * weight[None]
+
+
 def _object_texture(rng, texture: str, rgb: np.ndarray, u, v, radius: float) -> np.ndarray:
   """Colours of an object's pixels. u, v: float32[N] local coordinates -> float32[3, N]."""
   if texture == "flat":
@@ -317,7 +322,7 @@ def _object_texture(rng, texture: str, rgb: np.ndarray, u, v, radius: float) -> 
     weight = ((along + 1) / 2).clip(0, 1)
   else:
     raise ValueError(f"Unknown texture {texture!r}")
-  return rgb[:, None] + (shade - rgb)[:, None] * weight[None]
+  return _two_shades(rgb, shade, weight)
 
 
 def _class_texture(rng, texture: str, rgb: np.ndarray, x, y, period: float) -> np.ndarray:
@@ -338,8 +343,7 @@ def _class_texture(rng, texture: str, rgb: np.ndarray, x, y, period: float) -> n
     weight = (x % 1 < 0.3) | (y % 1 < 0.3)
   else:
     raise ValueError(f"Unknown class texture {texture!r}")
-  shade = _second_shade(rgb)
-  return rgb[:, None] + (shade - rgb)[:, None] * weight.astype(np.float32)[None]
+  return _two_shades(rgb, _second_shade(rgb), weight.astype(np.float32))
 
 
 def _propose_object(rng, config: WorldConfig):

@@ -21,6 +21,8 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
+from mixreorg_jax import train_config
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # name -> (config file, overrides of its demo variant). The ablations change one part of MixReorg.
@@ -64,15 +66,7 @@ def run_config(name: str, seed: int, extra: dict, synthetic_dir: str):
     config = runpy.run_path(str(REPO / "configs" / f"{config_file}.py"))["get_config"]("demo")
     config.seed = seed
     config.data.synthetic_dir = synthetic_dir
-    for key, value in {**overrides, **extra}.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        if leaf not in node:
-            raise ValueError(f"--set {key}: no such config field")
-        node[leaf] = value
-    return config
+    return train_config.apply_overrides(config, {**overrides, **extra})
 
 
 def eval_config(train_config):
@@ -111,8 +105,8 @@ def run_one(name: str, seed: int, extra: dict, root: pathlib.Path, synthetic_dir
         baselines=results["baselines"],
         steps=config.total_steps, train_seconds=train_seconds,
         steps_per_second=config.total_steps / train_seconds,
-        curves=[{k: v for k, v in m.items() if k == "step" or k.startswith("loss")
-                 or k in ("contrastive", "multi_label", "restore", "mixseg", "total")}
+        curves=[{k: v for k, v in m.items()
+                 if k in ("step", "contrastive", "multi_label", "restore", "mixseg", "total")}
                 for m in metrics])
 
 

@@ -116,13 +116,12 @@ class Mlp(nn.Module):
     out: int
     activation: Callable
     dtype: jnp.dtype
-    kernel_init: Callable | None = None  # None: GroupViT's
+    kernel_init: Callable = _kernel_init
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        init = self.kernel_init or _kernel_init
-        dense = lambda features, name: nn.Dense(features, dtype=self.dtype, kernel_init=init,
-                                               name=name)
+        dense = lambda features, name: nn.Dense(features, dtype=self.dtype,
+                                               kernel_init=self.kernel_init, name=name)
         return dense(self.out, "fc2")(self.activation(dense(self.hidden, "fc1")(x)))
 
 
@@ -132,7 +131,7 @@ class TokenMlp(nn.Module):
     out: int
     activation: Callable
     dtype: jnp.dtype
-    kernel_init: Callable | None = None
+    kernel_init: Callable = _kernel_init
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -144,7 +143,7 @@ class Attention(nn.Module):
     """Multi-head (cross-)attention with qkv bias; softmax in float32."""
     num_heads: int
     dtype: jnp.dtype
-    kernel_init: Callable | None = None
+    kernel_init: Callable = _kernel_init
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None, *,
@@ -153,8 +152,7 @@ class Attention(nn.Module):
         context = x if context is None else context
         width = x.shape[-1]
         head_dim = width // self.num_heads
-        init = self.kernel_init or _kernel_init
-        dense = lambda name: nn.Dense(width, dtype=self.dtype, kernel_init=init, name=name)
+        dense = lambda name: nn.Dense(width, dtype=self.dtype, kernel_init=self.kernel_init, name=name)
         split = lambda y: y.reshape(y.shape[:2] + (self.num_heads, head_dim))
         q, k, v = split(dense("query")(x)), split(dense("key")(context)), split(dense("value")(context))
         logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * head_dim**-0.5
@@ -175,7 +173,7 @@ class Block(nn.Module):
     dtype: jnp.dtype
     drop_path: float = 0.0
     causal: bool = False
-    kernel_init: Callable | None = None
+    kernel_init: Callable = _kernel_init
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -199,7 +197,7 @@ class CrossAttentionBlock(nn.Module):
     mlp_hidden: int
     layer_norm_eps: float
     dtype: jnp.dtype
-    kernel_init: Callable | None = None
+    kernel_init: Callable = _kernel_init
 
     @nn.compact
     def __call__(self, groups: jnp.ndarray, tokens: jnp.ndarray) -> jnp.ndarray:
@@ -214,7 +212,7 @@ class AssignAttention(nn.Module):
     """Hard single-head assignment of tokens to groups and per-group averaging of their values."""
     assign_eps: float
     dtype: jnp.dtype
-    kernel_init: Callable | None = None
+    kernel_init: Callable = _kernel_init
 
     @nn.compact
     def __call__(self, groups: jnp.ndarray, tokens: jnp.ndarray, train: bool):
@@ -228,8 +226,7 @@ class AssignAttention(nn.Module):
                 (rng stream 'gumbel', tau 1) in training, of the plain logits otherwise.
         """
         width = groups.shape[-1]
-        init = self.kernel_init or _kernel_init
-        dense = lambda name: nn.Dense(width, dtype=self.dtype, kernel_init=init, name=name)
+        dense = lambda name: nn.Dense(width, dtype=self.dtype, kernel_init=self.kernel_init, name=name)
         q, k, v = dense("query")(groups), dense("key")(tokens), dense("value")(tokens)
         logits = jnp.einsum("bnc,bgc->bng", k.astype(jnp.float32), q.astype(jnp.float32)) * width**-0.5
         soft = jax.nn.softmax(logits, axis=-1)
@@ -282,19 +279,20 @@ class VisionStage(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         self.num_group_tokens = cfg.num_group_tokens[self.index]
+        kernel_init = weight_init(cfg)
         if self.num_group_tokens:
             # Stage-1 tokens are the learned queries; later ones start at zero and get the
             # projection of the previous stage's tokens added.
-            init = weight_init(cfg) if self.index == 0 else nn.initializers.zeros
+            init = kernel_init if self.index == 0 else nn.initializers.zeros
             self.group_tokens = self.param("group_tokens", init, (1, self.num_group_tokens, cfg.width))
             self.grouping = GroupingBlock(cfg, cfg.num_output_groups[self.index])
             if self.index > 0:
                 self.group_projector_norm = nn.LayerNorm(cfg.layer_norm_eps, dtype=dtype)
                 self.group_projector = TokenMlp(cfg.width // 2, self.num_group_tokens, exact_gelu, dtype,
-                                                weight_init(cfg))
+                                                kernel_init)
         block = _block_class(cfg)
         self.blocks = [block(cfg.num_heads, round(cfg.mlp_ratio * cfg.width), exact_gelu, cfg.layer_norm_eps,
-                             dtype, drop_path=rate, kernel_init=weight_init(cfg))
+                             dtype, drop_path=rate, kernel_init=kernel_init)
                        for rate in self.drop_path_rates]
 
     def initial_group_tokens(self, batch_size: int, prev_group_tokens: jnp.ndarray | None):
@@ -330,14 +328,14 @@ class PatchEmbedding(nn.Module):
     patch_size: int
     features: int
     dtype: jnp.dtype
-    kernel_init: Callable | None = None
+    kernel_init: Callable = _kernel_init
 
     @nn.compact
     def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
         """images [B, H, W, C] -> [B, H/p, W/p, D]."""
         p = self.patch_size
         batch, height, width, channels = images.shape
-        kernel = self.param("kernel", self.kernel_init or _kernel_init, (p, p, channels, self.features))
+        kernel = self.param("kernel", self.kernel_init, (p, p, channels, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         h, w = height // p, width // p
         patches = images.reshape(batch, h, p, w, p, channels).transpose(0, 1, 3, 2, 4, 5)
@@ -354,9 +352,10 @@ class VisionEncoder(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         self.grid_size = cfg.image_size // cfg.patch_size
-        self.patch_embed = PatchEmbedding(cfg.patch_size, cfg.width, dtype, weight_init(cfg))
+        kernel_init = weight_init(cfg)
+        self.patch_embed = PatchEmbedding(cfg.patch_size, cfg.width, dtype, kernel_init)
         self.patch_norm = nn.LayerNorm(cfg.layer_norm_eps, dtype=dtype)
-        self.position_embedding = self.param("position_embedding", weight_init(cfg),
+        self.position_embedding = self.param("position_embedding", kernel_init,
                                              (1, self.grid_size**2, cfg.width))
         rates = [float(r) for r in np.linspace(0.0, cfg.drop_path_rate, sum(cfg.depths))]
         starts = np.cumsum((0,) + tuple(cfg.depths))
@@ -436,9 +435,9 @@ class TextEncoder(nn.Module):
                                         embedding_init=nn.initializers.normal(0.02))
         self.position_embedding = self.param("position_embedding", nn.initializers.normal(0.01),
                                              (cfg.context_length, cfg.text_width))
-        block = _block_class(cfg)
+        block, kernel_init = _block_class(cfg), weight_init(cfg)
         self.blocks = [block(cfg.text_heads, round(cfg.text_mlp_ratio * cfg.text_width), quick_gelu,
-                             cfg.layer_norm_eps, dtype, causal=True, kernel_init=weight_init(cfg))
+                             cfg.layer_norm_eps, dtype, causal=True, kernel_init=kernel_init)
                        for _ in range(cfg.text_layers)]
         self.norm = nn.LayerNorm(cfg.layer_norm_eps, dtype=dtype)
 
@@ -502,13 +501,12 @@ class Projector(nn.Module):
     hidden: int
     out: int
     dtype: jnp.dtype = jnp.float32
-    kernel_init: Callable | None = None
+    kernel_init: Callable = _kernel_init
 
     def setup(self):
-        init = self.kernel_init or _kernel_init
-        self.fc1 = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=init)
+        self.fc1 = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=self.kernel_init)
         self.bn = BatchNorm(dtype=self.dtype)
-        self.fc2 = nn.Dense(self.out, dtype=self.dtype, kernel_init=init)
+        self.fc2 = nn.Dense(self.out, dtype=self.dtype, kernel_init=self.kernel_init)
 
     def __call__(self, x: jnp.ndarray, *, train: bool, stats_from: jnp.ndarray | None = None,
                  update_stats: bool = True) -> jnp.ndarray:
@@ -540,8 +538,9 @@ class GroupViT(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         self.vision = VisionEncoder(cfg)
         self.text = TextEncoder(cfg)
-        self.image_projector = Projector(cfg.projection_hidden, cfg.projection_dim, dtype, weight_init(cfg))
-        self.text_projector = Projector(cfg.projection_hidden, cfg.projection_dim, dtype, weight_init(cfg))
+        kernel_init = weight_init(cfg)
+        self.image_projector = Projector(cfg.projection_hidden, cfg.projection_dim, dtype, kernel_init)
+        self.text_projector = Projector(cfg.projection_hidden, cfg.projection_dim, dtype, kernel_init)
         # Not clamped here (as HF); the losses and the segmentation clamp exp() at 100.
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(cfg.logit_scale_init), (),
                                       jnp.float32)

@@ -16,7 +16,7 @@ Fields (all read by `mixreorg_jax.models.groupvit`):
   projection_dim, projection_hidden: the two projectors (in -> hidden -> BatchNorm -> ReLU -> out).
   logit_scale_init: initial log of the image-text logit scale.
   weight_init: 'groupvit' (truncated normal, std 0.02, as GroupViT and HF) or 'lecun_normal'
-      (std 1/sqrt(fan_in), which small widths learn from much faster; see groupvit.weight_init).
+      (std 1/sqrt(fan_in), larger at small widths; see groupvit.weight_init).
   dtype: compute dtype, 'float32' or 'bfloat16' (parameters are always float32).
   remat: rematerialise the transformer blocks in the backward pass (saves activation memory).
 """
