@@ -10,7 +10,8 @@ config's shapes, so the data pipeline is not timed. `groupvit` is the same confi
 `mixreorg` with it on. `--against=pytorch` also times `transformers.GroupViTModel` (image-text
 contrastive loss, AdamW) at the same sizes, batch and thread count, against our GroupViT step
 with the same loss (multi-label off), and reports ours / PyTorch. `--memory_only` compiles without
-running and reports XLA's per-device memory analysis of each step.
+running and reports XLA's per-device memory analysis of each step, and the bytes its
+forward pass saves for the backward pass (what rematerialisation shrinks).
 """
 import json
 import os
@@ -23,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mixreorg_jax import optim, sharding, train_step
+from mixreorg_jax import objective, optim, sharding, train_step
 from mixreorg_jax.models import groupvit
 
 config_flags.DEFINE_config_file("config", None, "Train config (`path.py:variant`).")
@@ -56,17 +57,37 @@ def build_step(config: ml_collections.ConfigDict):
     return update, init, abstract, shardings, batch, mesh
 
 
+def saved_for_backward_bytes(config: ml_collections.ConfigDict, abstract_state, batch) -> int:
+    """Bytes of what the loss's forward pass keeps for its backward pass (whole batch).
+
+    The residuals of `jax.vjp(loss)`, taken from the traced program, so they do not depend on a
+    backend's scheduler: this is what `config.model.remat` shrinks. Divide by the number of
+    batch shards for a per-device figure.
+    """
+    model = groupvit.GroupViT(config.model)
+    loss = lambda params, stats: objective.loss_fn(params, stats, batch, jax.random.key(0),
+                                                   model=model, config=config)[0]
+    residuals = jax.eval_shape(
+        lambda params, stats: jax.vjp(lambda p: loss(p, stats), params)[1],
+        abstract_state["params"], abstract_state["batch_stats"])
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(residuals))
+
+
 def memory_analysis(config: ml_collections.ConfigDict) -> dict:
-    """XLA's per-device memory numbers (bytes) of the compiled update step."""
+    """XLA's per-device memory numbers (bytes) of the compiled update step, and the bytes
+    saved for the backward pass."""
     update, _, abstract, _, batch, mesh = build_step(config)
     with jax.set_mesh(mesh):
         compiled = update.lower(abstract, batch).compile()
+        saved = saved_for_backward_bytes(config, abstract, batch)
     m = compiled.memory_analysis()
     peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
             - m.alias_size_in_bytes)
     return {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
             "temp_bytes": m.temp_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
-            "peak_bytes_per_device": peak, "peak_gib_per_device": round(peak / 2 ** 30, 3)}
+            "peak_bytes_per_device": peak, "peak_gib_per_device": round(peak / 2 ** 30, 3),
+            "saved_for_backward_bytes": saved,
+            "saved_for_backward_gib": round(saved / 2 ** 30, 3)}
 
 
 def time_ours(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict:

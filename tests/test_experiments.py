@@ -81,9 +81,11 @@ def test_probe_trains_each_readout_and_reports_held_out_accuracy():
     images, presence = probe.make_batch(world, "train", 0, 4)
     assert images.shape == (4, 32, 32, 3) and presence.shape == (4, 8)
     assert all(presence[i].sum() >= 1 for i in range(4))
-    records = probe.run(config, world, readout="pooled", lr=1e-3, steps=2, batch_size=4,
-                        log_every=1, held_out_size=4, jit=functools.partial(
-                            jax.jit, compiler_options={"xla_backend_optimization_level": 0}))
-    assert [r["step"] for r in records] == [1, 2]
-    assert all(0 <= r["held_out_top_class_present"] <= 1 and np.isfinite(r["loss"])
-               for r in records)
+    for readout, head in [("pooled", "batchnorm"), ("segments1", "batchnorm"),
+                          ("patch_mean", "linear")]:
+        records = probe.run(config, world, readout=readout, head=head, lr=1e-3, steps=2,
+                            batch_size=4, log_every=1, held_out_size=4, jit=functools.partial(
+                                jax.jit, compiler_options={"xla_backend_optimization_level": 0}))
+        assert [r["step"] for r in records] == [1, 2]
+        assert all(0 <= r["held_out_top_class_present"] <= 1 and np.isfinite(r["loss"])
+                   for r in records)
