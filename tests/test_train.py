@@ -306,6 +306,27 @@ def test_mixreorg_trains(mixreorg_run):
     assert read_state(workdir, TOTAL_STEPS)["step"] == TOTAL_STEPS
 
 
+
+def test_trained_workdir_evaluates_on_a_voc_layout(mixreorg_run, tmp_path):
+    """The eval binary on a VOC-layout fixture, from the few-step MixReorg run's workdir."""
+    from test_evaluate import IMAGE_SIZES, SMALL_PROTOCOL, run_binary, write_voc_fixture
+    workdir, _, _ = mixreorg_run
+    labels = write_voc_fixture(str(tmp_path / "voc"), IMAGE_SIZES)
+    results = run_binary([f"--config={REPO / 'configs' / 'eval' / 'voc.py'}",
+                          f"--config.data_dir={tmp_path / 'voc'}",
+                          *[f"--config.{k}={v}" for k, v in SMALL_PROTOCOL.items()],
+                          "--config.save_predictions=1", f"--checkpoint={workdir}",
+                          f"--output_dir={tmp_path / 'out'}"])
+    assert results["num_images"] == len(labels)
+    assert results["checkpoint"] == str(workdir)
+    confusion = np.asarray(results["confusion_matrix"])
+    assert confusion.sum() == sum(int((label != 255).sum()) for label in labels.values())
+    assert 0.0 <= results["miou"] <= 1.0
+    assert set(results["baselines"]) == {"all_background", "top_class", "group_oracle"}
+    first = sorted(labels)[0]
+    assert (tmp_path / "out" / "pictures" / f"{first}.png").stat().st_size > 0
+
+
 # ---------------------------------------------------------------- meshes
 def test_same_steps_on_1_device_8_devices_and_fsdp(synthetic_dir, mixreorg_run):
     config = tiny_config("mixreorg", synthetic_dir)  # mixreorg_run's: its programs are reused
