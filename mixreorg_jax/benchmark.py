@@ -10,8 +10,9 @@ config's shapes, so the data pipeline is not timed. `groupvit` is the same confi
 `mixreorg` with it on. `--against=pytorch` also times `transformers.GroupViTModel` (image-text
 contrastive loss, AdamW) at the same sizes, batch and thread count, against our GroupViT step
 with the same loss (multi-label off), and reports ours / PyTorch. `--memory_only` compiles without
-running and reports XLA's per-device memory analysis of each step, and the bytes its
-forward pass saves for the backward pass (what rematerialisation shrinks).
+running and reports XLA's per-device memory analysis of each step (on CPU with XLA's
+memory-minimising scheduler, as accelerators schedule), and the bytes its forward pass saves for
+the backward pass (what rematerialisation shrinks).
 """
 import json
 import os
@@ -162,8 +163,17 @@ def variant(config: ml_collections.ConfigDict, *, mix: bool, like_pytorch: bool 
     return c
 
 
+_MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
 def main(argv):
     del argv
+    if flags.FLAGS.memory_only and "concurrency_optimized_scheduler" not in os.environ.get(
+            "XLA_FLAGS", ""):
+        # XLA CPU orders a step for parallelism by default, which keeps rematerialised
+        # activations alive and hides what remat saves; accelerators order it for memory. Read
+        # when the backend starts, so it must be set before the first use of a device.
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_MEMORY_SCHEDULER_FLAG}"
     config = flags.FLAGS.config
     if config.loss.restore == 0 and config.loss.mixseg == 0:
         with config.unlocked():  # A GroupViT config: time MixReorg with the default weights.

@@ -215,6 +215,27 @@ def test_remat_changes_neither_parameters_nor_gradients(tiny):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+
+def test_vision_remat_changes_neither_outputs_nor_gradients_in_training(tiny):
+    """Blocks and grouping blocks rematerialised: the same gumbel draws, segments and grads."""
+    config, _, variables, images, _, _ = tiny
+    rngs = {"gumbel": jax.random.key(1), "dropout": jax.random.key(2)}
+    results = []
+    for remat in (False, True):
+        remat_config = config.copy_and_resolve_references()
+        remat_config.remat = remat
+        encoder = groupvit.VisionEncoder(remat_config)
+
+        def loss(p):
+            out = encoder.apply({"params": p}, images, train=True, rngs=rngs)
+            return jnp.sum(out["segments"] ** 2), out["hard_assignments"]
+
+        results.append(fast_jit(jax.value_and_grad(loss, has_aux=True))(
+            variables["params"]["vision"]))
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_drop_path_drops_whole_samples_in_training_only():
     x = jnp.ones((64, 3, 4))
     drop = groupvit.DropPath(0.5)

@@ -191,6 +191,11 @@ def _block_class(config: ml_collections.ConfigDict):
     return nn.remat(Block, static_argnums=(2,)) if config.remat else Block
 
 
+def _grouping_block_class(config: ml_collections.ConfigDict):
+    # Argument 3 (counting self) is `train`.
+    return nn.remat(GroupingBlock, static_argnums=(3,)) if config.remat else GroupingBlock
+
+
 class CrossAttentionBlock(nn.Module):
     """Post-norm: g + Attn(g, x), + MLP(LN(.)), then LN (GroupViT's pre-assignment block)."""
     num_heads: int
@@ -285,7 +290,7 @@ class VisionStage(nn.Module):
             # projection of the previous stage's tokens added.
             init = kernel_init if self.index == 0 else nn.initializers.zeros
             self.group_tokens = self.param("group_tokens", init, (1, self.num_group_tokens, cfg.width))
-            self.grouping = GroupingBlock(cfg, cfg.num_output_groups[self.index])
+            self.grouping = _grouping_block_class(cfg)(cfg, cfg.num_output_groups[self.index])
             if self.index > 0:
                 self.group_projector_norm = nn.LayerNorm(cfg.layer_norm_eps, dtype=dtype)
                 self.group_projector = TokenMlp(cfg.width // 2, self.num_group_tokens, exact_gelu, dtype,

@@ -18,7 +18,8 @@ Fields (all read by `mixreorg_jax.models.groupvit`):
   weight_init: 'groupvit' (truncated normal, std 0.02, as GroupViT and HF) or 'lecun_normal'
       (std 1/sqrt(fan_in), larger at small widths; see groupvit.weight_init).
   dtype: compute dtype, 'float32' or 'bfloat16' (parameters are always float32).
-  remat: rematerialise the transformer blocks in the backward pass (saves activation memory).
+  remat: rematerialise the transformer and grouping blocks in the backward pass (saves
+    activation memory; `python -m mixreorg_jax.benchmark --memory_only` measures it).
 """
 import math
 
