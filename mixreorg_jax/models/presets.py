@@ -19,7 +19,7 @@ Fields (all read by `mixreorg_jax.models.groupvit`):
       (std 1/sqrt(fan_in), larger at small widths; see groupvit.weight_init).
   dtype: compute dtype, 'float32' or 'bfloat16' (parameters are always float32).
   remat: rematerialise the transformer and grouping blocks in the backward pass (saves
-    activation memory; `python -m mixreorg_jax.benchmark --memory_only` measures it).
+      activation memory; `python -m mixreorg_jax.benchmark --memory_only` measures it).
 """
 import math
 
