@@ -89,3 +89,11 @@ def test_probe_trains_each_readout_and_reports_held_out_accuracy():
         assert [r["step"] for r in records] == [1, 2]
         assert all(0 <= r["held_out_top_class_present"] <= 1 and np.isfinite(r["loss"])
                    for r in records)
+
+
+def test_steady_speed_leaves_out_the_first_interval_with_compilation():
+    metrics = [{"step": 20, "examples_per_sec": 5.0}, {"step": 40, "examples_per_sec": 64.0},
+               {"step": 40, "contrastive": 3.0}, {"step": 60, "examples_per_sec": 128.0},
+               {"step": 80, "examples_per_sec": 96.0}]
+    assert synthetic.steady_steps_per_second(metrics, 32) == 3.0  # median 96 images/s
+    assert np.isnan(synthetic.steady_steps_per_second(metrics[:1], 32))

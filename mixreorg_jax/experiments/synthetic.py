@@ -83,6 +83,13 @@ def read_metrics(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def steady_steps_per_second(metrics: list[dict], batch_size: int) -> float:
+    """Median training speed over the logged intervals after the first (which holds the
+    compilation); NaN when fewer than two intervals were logged."""
+    speeds = [m["examples_per_sec"] for m in metrics[1:] if "examples_per_sec" in m]
+    return float(np.median(speeds)) / batch_size if speeds else float("nan")
+
+
 def run_one(name: str, seed: int, extra: dict, root: pathlib.Path, synthetic_dir: str) -> dict:
     """Trains and evaluates one run (or reads its results); returns its summary."""
     from mixreorg_jax import evaluate, train
@@ -104,7 +111,7 @@ def run_one(name: str, seed: int, extra: dict, root: pathlib.Path, synthetic_dir
         miou=results["miou"], bg_thresh=results["bg_thresh"],
         baselines=results["baselines"],
         steps=config.total_steps, train_seconds=train_seconds,
-        steps_per_second=config.total_steps / train_seconds,
+        steps_per_second=steady_steps_per_second(metrics, config.data.batch_size),
         curves=[{k: v for k, v in m.items()
                  if k in ("step", "contrastive", "multi_label", "restore", "mixseg", "total")}
                 for m in metrics])
@@ -112,7 +119,7 @@ def run_one(name: str, seed: int, extra: dict, root: pathlib.Path, synthetic_dir
 
 def markdown_table(summaries: list[dict], command: str) -> str:
     names = list(dict.fromkeys(s["name"] for s in summaries))
-    lines = ["| run | changed | mIoU (%) mean ± std | per seed | steps/s |",
+    lines = ["| run | changed | mIoU (%) mean ± std | per seed | steps/s (steady) |",
              "|---|---|---|---|---|"]
     for name in names:
         runs = [s for s in summaries if s["name"] == name]
