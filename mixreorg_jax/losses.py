@@ -184,6 +184,34 @@ def mixed_segmentation_loss(assignment, segment_emb, text_emb, source, log_scale
   return jnp.where(in_range, -target_log_prob, jnp.nan).mean()
 
 
+def group_balance_loss(soft_assignments):
+  """How far each image's use of its groups is from uniform (ours; against grouping collapse).
+
+  Small models trained from scratch tend to put every token of an image into one or two groups,
+  and nothing in the contrastive losses pushes back. For each grouping stage and image, u[g] =
+  the mean over tokens of the soft assignment to group g; the loss is KL(u || uniform) =
+  sum_g u[g] log u[g] + log G, averaged over images, then over stages. Zero when every group
+  gets the same share, log G when one group takes everything.
+
+  Args:
+    soft_assignments: a sequence of [B, N, G] token -> group softmaxes (rows sum to 1), one per
+      grouping stage (G may differ between stages).
+
+  Returns:
+    [] float32 loss.
+  """
+  if not soft_assignments:
+    raise ValueError("group_balance_loss needs at least one grouping stage's assignments.")
+  per_stage = []
+  for assignment in soft_assignments:
+    if assignment.ndim != 3:
+      raise ValueError(f"assignments must be [B, N, G], got {assignment.shape}.")
+    usage = jnp.mean(assignment.astype(jnp.float32), axis=1)  # [B, G]
+    kl = jnp.sum(usage * jnp.log(jnp.maximum(usage, 1e-12)), axis=-1) + jnp.log(usage.shape[-1])
+    per_stage.append(kl.mean())
+  return jnp.mean(jnp.stack(per_stage))
+
+
 def total_loss(terms, weights: Mapping[str, float]):
   """Weighted sum of named loss terms, and everything worth logging.
 

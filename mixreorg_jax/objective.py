@@ -27,13 +27,15 @@ def init_extra_params() -> dict:
 def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix_fns):
     """Everything that touches parameters, in one `apply` so batch statistics update once.
 
-    Returns the embeddings the losses need: original-branch image embeddings, caption and prompt
-    embeddings and, for MixReorg, the restored-branch image embeddings, the mixed branch's
+    Returns the embeddings the losses need: original-branch image embeddings and soft
+    assignments, caption and prompt embeddings and, for MixReorg, the restored-branch image embeddings, the mixed branch's
     projected segments and its patch -> final-segment hard assignment.
     """
     text = module.encode_text(texts, train=True)["embedding"]
     if plan is None:
-        return {"image": module.encode_image(images, train=True)["embedding"], "text": text}
+        image = module.encode_image(images, train=True)
+        return {"image": image["embedding"], "text": text,
+                "soft_assignments": image["soft_assignments"]}
 
     mix_fn, restore_fn = mix_fns
     branches = mixreorg.mixreorg_image_forward(
@@ -46,6 +48,7 @@ def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix
     return {
         "image": module.project_image(orig["pooled"], train=True),
         "text": text,
+        "soft_assignments": orig["soft_assignments"],
         "restored_image": module.project_image(restored["pooled"], train=True,
                                                update_stats=False),
         "mixed_segments": module.project_segments(mixed["segments"], train=True,
@@ -96,6 +99,8 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
     if config.loss.multi_label:
         terms["multi_label"] = losses.multi_label_contrastive_loss(
             out["image"], prompt_emb, params["multi_label_logit_scale"])
+    if config.loss.group_balance:
+        terms["group_balance"] = losses.group_balance_loss(out["soft_assignments"])
     if plan is not None:
         terms["restore"] = losses.contrastive_loss(out["restored_image"], caption_emb, log_scale)
         terms["mixseg"] = losses.mixed_segmentation_loss(

@@ -49,9 +49,11 @@ def base_config() -> ml_collections.ConfigDict:
         enabled=True, group_size=2, block_size=1, contextual_depth=1,
         progressive_weight=1.0, progressive_mode="add"))
 
-    # Loss weights; a weight of 0 skips the term.
+    # Loss weights; a weight of 0 skips the term. group_balance (ours, losses.group_balance_loss):
+    # pushes each image's group usage towards uniform, against grouping collapse.
     c.loss = ml_collections.ConfigDict(dict(
-        contrastive=1.0, multi_label=1.0, restore=1.0, mixseg=1.0, mixseg_negatives="group"))
+        contrastive=1.0, multi_label=1.0, restore=1.0, mixseg=1.0, mixseg_negatives="group",
+        group_balance=0.0))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 

@@ -442,3 +442,22 @@ def test_mixed_segmentation_errors():
     call(assignment, segments, text, source[:, :4], group_size=2)
   with pytest.raises(ValueError, match=r"assignment \[M, N, G\]"):
     call(assignment[0], segments, text, source, group_size=2)
+
+
+def test_group_balance_matches_numpy_and_its_extremes():
+    rng = np.random.default_rng(0)
+    stages = [jax.nn.softmax(jnp.asarray(rng.normal(size=(3, 10, g)) * 2), axis=-1) for g in (4, 2)]
+    expected = []
+    for a in stages:
+        usage = np.asarray(a, np.float64).mean(axis=1)
+        expected.append(np.mean(np.sum(usage * np.log(usage), axis=1) + np.log(usage.shape[1])))
+    np.testing.assert_allclose(losses.group_balance_loss(stages), np.mean(expected), rtol=1e-5)
+    uniform = jnp.full((2, 6, 4), 0.25)
+    collapsed = jax.nn.one_hot(jnp.zeros((2, 6), jnp.int32), 4)
+    np.testing.assert_allclose(losses.group_balance_loss([uniform]), 0.0, atol=1e-6)
+    np.testing.assert_allclose(losses.group_balance_loss([collapsed]), math.log(4), rtol=1e-5)
+    # Balanced over the image, not per token: each token may still pick one group.
+    spread = jax.nn.one_hot(jnp.tile(jnp.arange(4), (2, 2)), 4)  # [2, 8, 4]
+    np.testing.assert_allclose(losses.group_balance_loss([spread]), 0.0, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one"):
+        losses.group_balance_loss([])

@@ -1,0 +1,42 @@
+"""The training objective's optional terms, on the tiny model."""
+import functools
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+
+from mixreorg_jax import benchmark, objective
+from mixreorg_jax.models import groupvit
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+                                                       "xla_llvm_disable_expensive_passes": True})
+
+
+def test_group_balance_term_is_added_only_when_weighted_and_reaches_the_grouping():
+    spec = importlib.util.spec_from_file_location("groupvit_config", REPO / "configs" / "groupvit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.data.batch_size = 4
+    model = groupvit.GroupViT(config.model)
+    variables = groupvit.init_variables(config.model, jax.random.key(0))
+    params = {"model": variables["params"], **objective.init_extra_params()}
+    batch = benchmark.random_batch(config, np.random.default_rng(0))
+
+    def terms_and_grads(weight):
+        config.loss.group_balance = weight
+        loss = lambda p: objective.loss_fn(p, variables["batch_stats"], batch, jax.random.key(1),
+                                           model=model, config=config)
+        (_, (terms, _)), grads = fast_jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return terms, grads
+
+    terms, _ = terms_and_grads(0.0)
+    assert "group_balance" not in terms
+    config.loss.contrastive = config.loss.multi_label = 0.0  # the balance term alone
+    terms, grads = terms_and_grads(1.0)
+    assert 0.0 < float(terms["group_balance"]) < np.log(config.model.num_output_groups[0])
+    vision, text = grads["model"]["vision"], grads["model"]["text"]
+    assert np.abs(np.asarray(vision["stages_0"]["grouping"]["assign"]["key"]["kernel"])).max() > 0
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(text))
