@@ -185,13 +185,15 @@ def mixed_segmentation_loss(assignment, segment_emb, text_emb, source, log_scale
 
 
 def group_balance_loss(soft_assignments):
-  """How far each image's use of its groups is from uniform (ours; against grouping collapse).
+  """log G minus the mutual information between tokens and groups (ours; against collapse).
 
-  Small models trained from scratch tend to put every token of an image into one or two groups,
-  and nothing in the contrastive losses pushes back. For each grouping stage and image, u[g] =
-  the mean over tokens of the soft assignment to group g; the loss is KL(u || uniform) =
-  sum_g u[g] log u[g] + log G, averaged over images, then over stages. Zero when every group
-  gets the same share, log G when one group takes everything.
+  Trained from scratch at small scale, the assignment logits stay flat: every token's softmax
+  over groups is near uniform, the gumbel noise decides the training-time hard assignment, and
+  at evaluation the argmax puts almost every token into one or two groups. For each grouping
+  stage and image, with A[n] the token's soft assignment and u = mean_n A[n] the image's group
+  usage, the loss is KL(u || uniform) + mean_n H(A[n]) = log G - I(token; group): zero when every
+  token picks one group with certainty and the groups are used equally, log G both for flat
+  assignments and for everything in one group. Averaged over images, then over stages.
 
   Args:
     soft_assignments: a sequence of [B, N, G] token -> group softmaxes (rows sum to 1), one per
@@ -202,13 +204,16 @@ def group_balance_loss(soft_assignments):
   """
   if not soft_assignments:
     raise ValueError("group_balance_loss needs at least one grouping stage's assignments.")
+  xlogx = lambda p: p * jnp.log(jnp.maximum(p, 1e-12))
   per_stage = []
   for assignment in soft_assignments:
     if assignment.ndim != 3:
       raise ValueError(f"assignments must be [B, N, G], got {assignment.shape}.")
-    usage = jnp.mean(assignment.astype(jnp.float32), axis=1)  # [B, G]
-    kl = jnp.sum(usage * jnp.log(jnp.maximum(usage, 1e-12)), axis=-1) + jnp.log(usage.shape[-1])
-    per_stage.append(kl.mean())
+    assignment = assignment.astype(jnp.float32)
+    usage = jnp.mean(assignment, axis=1)  # [B, G]
+    usage_kl = jnp.sum(xlogx(usage), axis=-1) + jnp.log(usage.shape[-1])
+    token_entropy = -jnp.mean(jnp.sum(xlogx(assignment), axis=-1), axis=1)
+    per_stage.append(jnp.mean(usage_kl + token_entropy))
   return jnp.mean(jnp.stack(per_stage))
 
 

@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
         progressive_weight=1.0, progressive_mode="add"))
 
     # Loss weights; a weight of 0 skips the term. group_balance (ours, losses.group_balance_loss):
-    # pushes each image's group usage towards uniform, against grouping collapse.
+    # confident token -> group assignments and evenly used groups, against grouping collapse.
     c.loss = ml_collections.ConfigDict(dict(
         contrastive=1.0, multi_label=1.0, restore=1.0, mixseg=1.0, mixseg_negatives="group",
         group_balance=0.0))

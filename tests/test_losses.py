@@ -449,14 +449,17 @@ def test_group_balance_matches_numpy_and_its_extremes():
     stages = [jax.nn.softmax(jnp.asarray(rng.normal(size=(3, 10, g)) * 2), axis=-1) for g in (4, 2)]
     expected = []
     for a in stages:
-        usage = np.asarray(a, np.float64).mean(axis=1)
-        expected.append(np.mean(np.sum(usage * np.log(usage), axis=1) + np.log(usage.shape[1])))
+        a = np.asarray(a, np.float64)
+        usage = a.mean(axis=1)
+        kl = np.sum(usage * np.log(usage), axis=1) + np.log(usage.shape[1])
+        entropy = -np.sum(a * np.log(a), axis=2).mean(axis=1)
+        expected.append(np.mean(kl + entropy))
     np.testing.assert_allclose(losses.group_balance_loss(stages), np.mean(expected), rtol=1e-5)
-    uniform = jnp.full((2, 6, 4), 0.25)
+    flat = jnp.full((2, 6, 4), 0.25)
     collapsed = jax.nn.one_hot(jnp.zeros((2, 6), jnp.int32), 4)
-    np.testing.assert_allclose(losses.group_balance_loss([uniform]), 0.0, atol=1e-6)
+    np.testing.assert_allclose(losses.group_balance_loss([flat]), math.log(4), rtol=1e-5)
     np.testing.assert_allclose(losses.group_balance_loss([collapsed]), math.log(4), rtol=1e-5)
-    # Balanced over the image, not per token: each token may still pick one group.
+    # Each token certain of its group and the groups used equally: zero.
     spread = jax.nn.one_hot(jnp.tile(jnp.arange(4), (2, 2)), 4)  # [2, 8, 4]
     np.testing.assert_allclose(losses.group_balance_loss([spread]), 0.0, atol=1e-6)
     with pytest.raises(ValueError, match="at least one"):

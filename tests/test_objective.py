@@ -36,7 +36,7 @@ def test_group_balance_term_is_added_only_when_weighted_and_reaches_the_grouping
     assert "group_balance" not in terms
     config.loss.contrastive = config.loss.multi_label = 0.0  # the balance term alone
     terms, grads = terms_and_grads(1.0)
-    assert 0.0 < float(terms["group_balance"]) < np.log(config.model.num_output_groups[0])
+    assert 0.0 < float(terms["group_balance"]) <= np.log(config.model.num_output_groups[0]) + 1e-5
     vision, text = grads["model"]["vision"], grads["model"]["text"]
     assert np.abs(np.asarray(vision["stages_0"]["grouping"]["assign"]["key"]["kernel"])).max() > 0
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(text))
