@@ -28,11 +28,16 @@ from ml_collections import config_flags
 from mixreorg_jax import objective, optim, sharding, train_step
 from mixreorg_jax.models import groupvit
 
-config_flags.DEFINE_config_file("config", None, "Train config (`path.py:variant`).")
-flags.DEFINE_integer("steps", 10, "Timed steps per variant.")
-flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-flags.DEFINE_enum("against", None, ["pytorch"], "Also time this reference implementation.")
-flags.DEFINE_bool("memory_only", False, "Compile only; report the memory analysis.")
+
+def define_flags():
+    """The command line's flags; defined only when run as a program, so that importing this
+    module (the tests do) leaves the global flags to the trainer's and the other programs'."""
+    config_flags.DEFINE_config_file("config", None, "Train config (`path.py:variant`).")
+    flags.DEFINE_integer("steps", 10, "Timed steps per variant.")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+    flags.DEFINE_enum("against", None, ["pytorch"], "Also time this reference implementation.")
+    flags.DEFINE_bool("memory_only", False, "Compile only; report the memory analysis.")
+    flags.mark_flags_as_required(["config"])
 
 
 def random_batch(config: ml_collections.ConfigDict, rng: np.random.Generator) -> dict:
@@ -203,5 +208,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
+    define_flags()
     app.run(main)
