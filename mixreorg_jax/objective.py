@@ -28,8 +28,9 @@ def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix
     """Everything that touches parameters, in one `apply` so batch statistics update once.
 
     Returns the embeddings the losses need: original-branch image embeddings and soft
-    assignments, caption and prompt embeddings and, for MixReorg, the restored-branch image embeddings, the mixed branch's
-    projected segments and its patch -> final-segment hard assignment.
+    assignments, caption and prompt embeddings and, for MixReorg, the restored-branch image
+    embeddings, the mixed branch's projected segments and its patch -> final-segment hard
+    assignment.
     """
     text = module.encode_text(texts, train=True)["embedding"]
     if plan is None:

@@ -1,7 +1,7 @@
 """The training objective's optional terms, on the tiny model."""
 import functools
-import importlib.util
 import pathlib
+import runpy
 
 import jax
 import numpy as np
@@ -15,10 +15,7 @@ fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimizatio
 
 
 def test_group_balance_term_is_added_only_when_weighted_and_reaches_the_grouping():
-    spec = importlib.util.spec_from_file_location("groupvit_config", REPO / "configs" / "groupvit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = runpy.run_path(str(REPO / "configs" / "groupvit.py"))["get_config"]("tiny")
     config.data.batch_size = 4
     model = groupvit.GroupViT(config.model)
     variables = groupvit.init_variables(config.model, jax.random.key(0))

@@ -306,7 +306,6 @@ def test_mixreorg_trains(mixreorg_run):
     assert read_state(workdir, TOTAL_STEPS)["step"] == TOTAL_STEPS
 
 
-
 def test_trained_workdir_evaluates_on_a_voc_layout(mixreorg_run, tmp_path):
     """The eval binary on a VOC-layout fixture, from the few-step MixReorg run's workdir."""
     from test_evaluate import IMAGE_SIZES, SMALL_PROTOCOL, run_binary, write_voc_fixture

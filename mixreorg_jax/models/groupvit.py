@@ -186,14 +186,13 @@ class Block(nn.Module):
         return x + DropPath(self.drop_path, name="drop_path_mlp")(y, train)
 
 
-def _block_class(config: ml_collections.ConfigDict):
-    # Argument 2 (counting self) is `train`, a Python bool that decides the graph.
-    return nn.remat(Block, static_argnums=(2,)) if config.remat else Block
+def _maybe_remat(module_class, config: ml_collections.ConfigDict, train_argnum: int):
+    """`module_class`, rematerialised in the backward pass when `config.remat`.
 
-
-def _grouping_block_class(config: ml_collections.ConfigDict):
-    # Argument 3 (counting self) is `train`.
-    return nn.remat(GroupingBlock, static_argnums=(3,)) if config.remat else GroupingBlock
+    `train_argnum` (counting self) is the position of `train`, a Python bool that decides the
+    graph, so it is static.
+    """
+    return nn.remat(module_class, static_argnums=(train_argnum,)) if config.remat else module_class
 
 
 class CrossAttentionBlock(nn.Module):
@@ -290,12 +289,12 @@ class VisionStage(nn.Module):
             # projection of the previous stage's tokens added.
             init = kernel_init if self.index == 0 else nn.initializers.zeros
             self.group_tokens = self.param("group_tokens", init, (1, self.num_group_tokens, cfg.width))
-            self.grouping = _grouping_block_class(cfg)(cfg, cfg.num_output_groups[self.index])
+            self.grouping = _maybe_remat(GroupingBlock, cfg, 3)(cfg, cfg.num_output_groups[self.index])
             if self.index > 0:
                 self.group_projector_norm = nn.LayerNorm(cfg.layer_norm_eps, dtype=dtype)
                 self.group_projector = TokenMlp(cfg.width // 2, self.num_group_tokens, exact_gelu, dtype,
                                                 kernel_init)
-        block = _block_class(cfg)
+        block = _maybe_remat(Block, cfg, 2)
         self.blocks = [block(cfg.num_heads, round(cfg.mlp_ratio * cfg.width), exact_gelu, cfg.layer_norm_eps,
                              dtype, drop_path=rate, kernel_init=kernel_init)
                        for rate in self.drop_path_rates]
@@ -440,7 +439,7 @@ class TextEncoder(nn.Module):
                                         embedding_init=nn.initializers.normal(0.02))
         self.position_embedding = self.param("position_embedding", nn.initializers.normal(0.01),
                                              (cfg.context_length, cfg.text_width))
-        block, kernel_init = _block_class(cfg), weight_init(cfg)
+        block, kernel_init = _maybe_remat(Block, cfg, 2), weight_init(cfg)
         self.blocks = [block(cfg.text_heads, round(cfg.text_mlp_ratio * cfg.text_width), quick_gelu,
                              cfg.layer_norm_eps, dtype, causal=True, kernel_init=kernel_init)
                        for _ in range(cfg.text_layers)]
