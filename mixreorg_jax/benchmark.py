@@ -45,7 +45,8 @@ def random_batch(config: ml_collections.ConfigDict, rng: np.random.Generator) ->
     tokens = rng.integers(1, 49405, (b, 3 + 1, length), dtype=np.int32)
     tokens[..., 0], tokens[..., -1] = 49406, 49407  # SOT ... EOT
     return {"image": rng.standard_normal((b, size, size, 3), dtype=np.float32),
-            "tokens": tokens[:, 0], "prompt_tokens": tokens[:, 1:]}
+            "tokens": tokens[:, 0], "prompt_tokens": tokens[:, 1:],
+            "prompt_ids": rng.integers(0, 1000, (b, 3), dtype=np.int32)}
 
 
 def build_step(config: ml_collections.ConfigDict):

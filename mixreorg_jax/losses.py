@@ -61,25 +61,35 @@ def contrastive_loss(image_emb, text_emb, log_scale):
   return -0.5 * (image_to_text.mean() + text_to_image.mean())
 
 
-def multi_label_contrastive_loss(image_emb, prompt_emb, log_scale):
+def multi_label_contrastive_loss(image_emb, prompt_emb, log_scale, prompt_ids=None):
   """GroupViT's multi-label contrastive loss with soft targets over the whole batch.
 
   Every image is scored against all B*P prompts and every prompt against all B images.
-  Image side: soft cross-entropy whose target puts 1/P on each of the image's own P prompts.
-  Text side: each prompt's target is its own image with weight 1 (one-hot cross-entropy).
-  loss = 0.5 * (image side averaged over the B images + text side averaged over the B*P prompts).
+  Image side: soft cross-entropy whose target spreads 1 evenly over the image's positives.
+  Text side: soft cross-entropy over the B images whose target spreads 1 evenly over the
+  prompt's positives. loss = 0.5 * (image side averaged over the B images + text side averaged
+  over the B*P prompts).
 
-  This is the normalisation of NVlabs/GroupViT's `MultiLabelContrastive.multi_label_loss` (timm
-  `SoftTargetCrossEntropy`: sum over classes of -target * log_softmax, mean over rows). Two
-  subtleties of that code worth knowing: (1) its text-side target is 1 / (number of image
-  vectors per image) = 1, i.e. the transposed image-side label matrix re-normalised per row, not
-  the transposed 1/P entries (which would scale the text side by 1/P); (2) the text side's
-  negatives are the other B - 1 images only, never the other prompts.
+  Positives: without `prompt_ids`, an image's own P prompts (GroupViT). With them (ours), also
+  every prompt in the batch whose word is one of the image's own prompts' words: with a small
+  vocabulary the same word recurs across the batch (the synthetic world's 8 class nouns, ~16
+  times each in a batch of 64), and GroupViT's targets would push apart the embeddings of one
+  word in different templates. This is UniCL's label-aware target (Yang et al. 2022).
+
+  Without `prompt_ids` this is the normalisation of NVlabs/GroupViT's
+  `MultiLabelContrastive.multi_label_loss` (timm `SoftTargetCrossEntropy`: sum over classes of
+  -target * log_softmax, mean over rows). Two subtleties of that code worth knowing: (1) its
+  text-side target is 1 / (number of image vectors per image) = 1, i.e. the transposed
+  image-side label matrix re-normalised per row, not the transposed 1/P entries (which would
+  scale the text side by 1/P); (2) the text side's negatives are the other B - 1 images only,
+  never the other prompts.
 
   Args:
     image_emb: [B, D] L2-normalised image embeddings.
     prompt_emb: [B, P, D] L2-normalised embeddings of each image's P prompts.
     log_scale: [] the multi-label loss's own learned log logit scale (clamped at 100).
+    prompt_ids: optional int[B, P], the word in each prompt (`data.prompts.word_id`); a negative
+      id (a prompt that is the caption itself) matches no other prompt.
 
   Returns:
     [] float32 loss.
@@ -88,6 +98,9 @@ def multi_label_contrastive_loss(image_emb, prompt_emb, log_scale):
       or prompt_emb.shape[2] != image_emb.shape[1]):
     raise ValueError("multi_label_contrastive_loss wants image_emb [B, D] and prompt_emb "
                      f"[B, P, D], got {image_emb.shape} and {prompt_emb.shape}.")
+  if prompt_ids is not None and prompt_ids.shape != prompt_emb.shape[:2]:
+    raise ValueError(f"prompt_ids must be [B, P] = {prompt_emb.shape[:2]}, got "
+                     f"{prompt_ids.shape}.")
   image_emb = image_emb.astype(jnp.float32)
   prompt_emb = prompt_emb.astype(jnp.float32)
   batch, num_prompts, _ = prompt_emb.shape
@@ -95,15 +108,22 @@ def multi_label_contrastive_loss(image_emb, prompt_emb, log_scale):
   logits = jnp.einsum("id,cpd->icp", image_emb, prompt_emb, precision=_HIGHEST)
   logits = logits * logit_scale(log_scale)
 
-  # Image side: a softmax over all B*P prompts; the target's 1/P weights make it the mean of the
-  # log-probabilities of the image's own prompts.
-  image_log_probs = jax.nn.log_softmax(logits.reshape(batch, batch * num_prompts), axis=1)
-  image_log_probs = image_log_probs.reshape(batch, batch, num_prompts)
-  image_side = -jnp.diagonal(image_log_probs, axis1=0, axis2=1).mean()  # diagonal: [P, B]
+  positive = jnp.broadcast_to(jnp.eye(batch, dtype=bool)[:, :, None], logits.shape)
+  if prompt_ids is not None:
+    # Image i's word set is its own prompts' ids; prompt (c, p) is positive if its id is in it.
+    own_ids = prompt_ids[:, None, None, :]  # [B images, 1, 1, P own]
+    same_word = (prompt_ids[None, :, :, None] == own_ids) & (own_ids >= 0)
+    positive = positive | same_word.any(axis=-1)
+  positive = positive.astype(jnp.float32)
 
+  # Image side: a softmax over all B*P prompts.
+  image_log_probs = jax.nn.log_softmax(logits.reshape(batch, batch * num_prompts), axis=1)
+  image_targets = positive.reshape(batch, -1)
+  image_side = -(image_targets * image_log_probs).sum(1) / image_targets.sum(1)
   # Text side: each prompt's softmax over the B images.
-  text_side = -jnp.diagonal(jax.nn.log_softmax(logits, axis=0), axis1=0, axis2=1).mean()
-  return 0.5 * (image_side + text_side)
+  text_log_probs = jax.nn.log_softmax(logits, axis=0)
+  text_side = -(positive * text_log_probs).sum(0) / positive.sum(0)
+  return 0.5 * (image_side.mean() + text_side.mean())
 
 
 def mixed_segmentation_loss(assignment, segment_emb, text_emb, source, log_scale, *,

@@ -44,12 +44,18 @@ def np_contrastive(image, text, log_scale):
   return 0.5 * (np_soft_cross_entropy(logits, labels) + np_soft_cross_entropy(logits.T, labels))
 
 
-def np_multi_label(image, prompts, log_scale):
+def np_multi_label(image, prompts, log_scale, prompt_ids=None):
   batch, num_prompts, dim = prompts.shape
   prompts = prompts.reshape(batch * num_prompts, dim)
   owner = np.repeat(np.arange(batch), num_prompts)  # image of each flattened prompt
-  image_targets = (owner[None, :] == np.arange(batch)[:, None]) / num_prompts  # [B, B*P]
-  text_targets = (owner[:, None] == np.arange(batch)[None, :]).astype(float)  # [B*P, B]
+  positive = np.zeros((batch, batch * num_prompts))  # [B images, B*P prompts]
+  for i in range(batch):
+    for j in range(batch * num_prompts):
+      word = None if prompt_ids is None else prompt_ids.reshape(-1)[j]
+      positive[i, j] = owner[j] == i or (word is not None and word >= 0
+                                         and word in prompt_ids[i])
+  image_targets = positive / positive.sum(1, keepdims=True)
+  text_targets = positive.T / positive.T.sum(1, keepdims=True)
   scale = np_scale(log_scale)
   return 0.5 * (np_soft_cross_entropy(scale * image @ prompts.T, image_targets)
                 + np_soft_cross_entropy(scale * prompts @ image.T, text_targets))
@@ -144,6 +150,24 @@ def test_multi_label_matches_numpy(batch, num_prompts, dim, log_scale):
   got = multi_label_contrastive_loss(*f32(image, prompts), log_scale)
   assert got.shape == () and got.dtype == jnp.float32
   np.testing.assert_allclose(got, np_multi_label(image, prompts, log_scale), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch,num_prompts,vocabulary", [(4, 3, 3), (6, 2, 4), (5, 3, 50)])
+def test_multi_label_same_word_positives_match_numpy(batch, num_prompts, vocabulary):
+  rng = np.random.default_rng(batch + vocabulary)
+  image, prompts = unit_vectors(rng, batch, 8), unit_vectors(rng, batch, num_prompts, 8)
+  # -1 (a caption used as a prompt) matches nothing, not even another -1.
+  ids = rng.integers(-1, vocabulary, (batch, num_prompts)).astype(np.int32)
+  got = multi_label_contrastive_loss(*f32(image, prompts), INIT_LOG_SCALE, ids)
+  want = np_multi_label(image, prompts, INIT_LOG_SCALE, ids)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert abs(want - np_multi_label(image, prompts, INIT_LOG_SCALE)) > 1e-3 or vocabulary > 10
+  # Ids that are all different (or all captions) give GroupViT's own-prompt targets.
+  for unique in (np.arange(batch * num_prompts).reshape(batch, num_prompts),
+                 np.full((batch, num_prompts), -1)):
+    np.testing.assert_allclose(
+        multi_label_contrastive_loss(*f32(image, prompts), INIT_LOG_SCALE, unique.astype(np.int32)),
+        multi_label_contrastive_loss(*f32(image, prompts), INIT_LOG_SCALE), rtol=1e-6)
 
 
 def test_multi_label_with_one_prompt_is_the_contrastive_loss():

@@ -93,12 +93,25 @@ def test_batch_shapes_dtypes_and_tokens(datasets):
     assert batch["tokens"].shape == (4, CONTEXT) and batch["tokens"].dtype == np.int32
     assert batch["prompt_tokens"].shape == (4, 3, CONTEXT)
     assert batch["prompt_tokens"].dtype == np.int32
+    assert batch["prompt_ids"].shape == (4, 3) and batch["prompt_ids"].dtype == np.int32
     np.testing.assert_array_equal(batch["tokens"], FakeTokenizer()(list(batch["caption"])))
     for caption, prompt_tokens in zip(batch["caption"], batch["prompt_tokens"]):
         # Example i's caption has i % 4 nouns; the prompts are padded with the caption.
         num_words = int(caption.split()[0][3:]) % 4
         caption_row = FakeTokenizer()([str(caption)])[0]
         assert sum((row == caption_row).all() for row in prompt_tokens) == 3 - num_words
+    for caption, ids in zip(batch["caption"], batch["prompt_ids"]):
+        assert (ids == -1).sum() == 3 - int(caption.split()[0][3:]) % 4
+
+
+def test_prompt_template_set_is_configurable(datasets):
+    batch = next(iterator(data_config([datasets["aaa"]], prompt_templates="photo")))
+    photo_prefix = FakeTokenizer()(["a photo of a"])[0, :4]
+    for ids, rows in zip(batch["prompt_ids"], batch["prompt_tokens"]):
+        for word_id, row in zip(ids, rows):
+            assert (row[:4] == photo_prefix).all() == (word_id >= 0)
+    with pytest.raises(ValueError, match="unknown prompt template set 'imagenet'"):
+        iterator(data_config([datasets["aaa"]], prompt_templates="imagenet"))
 
 
 def test_two_processes_see_every_example_once_per_epoch(datasets):
@@ -210,14 +223,20 @@ def test_prompt_templates_and_construction():
     rng = np.random.default_rng(0)
     words = ["dog", "cat", "ball", "park", "tree"]
     for _ in range(20):
-        texts = prompts.multi_label_prompts(words, "the caption", rng)
+        texts, ids = prompts.multi_label_prompts(words, "the caption", rng)
         used = [w for t in texts for w in words if f" {w}" in t or t.startswith(w)]
         assert len(texts) == 3 and len(set(used)) == 3  # three different words
+        assert ids == [prompts.word_id(w) for w in used]
         assert all(any(t == tmpl.format(w) for tmpl in prompts.IMAGENET_TEMPLATES
                        for w in words) for t in texts)
-    texts = prompts.multi_label_prompts(["dog"], "the caption", rng)
+    texts, ids = prompts.multi_label_prompts(["dog"], "the caption", rng)
     assert texts[1:] == ["the caption"] * 2 and "dog" in texts[0]
-    assert prompts.multi_label_prompts([], "the caption", rng) == ["the caption"] * 3
+    assert ids == [prompts.word_id("dog"), -1, -1]
+    assert prompts.multi_label_prompts([], "the caption", rng) == (["the caption"] * 3, [-1] * 3)
+    assert prompts.word_id("Dog") == prompts.word_id("dog") != prompts.word_id("cat")
+    assert 0 <= prompts.word_id("dog") < 2 ** 31
+    texts, _ = prompts.multi_label_prompts(words, "c", rng, template_set=prompts.templates("photo"))
+    assert all(t.startswith("a photo of a ") for t in texts)
     a = prompts.multi_label_prompts(words, "c", np.random.default_rng(7))
     assert a == prompts.multi_label_prompts(words, "c", np.random.default_rng(7))
 

@@ -16,6 +16,7 @@ Each batch (numpy, this process's share of the global batch `b = batch_size / pr
   image:         float32 [b, S, S, 3], ImageNet mean/std normalised
   tokens:        int32 [b, L], the caption
   prompt_tokens: int32 [b, 3, L], the multi-label prompts
+  prompt_ids:    int32 [b, 3], each prompt's word id (`prompts.word_id`; -1: the caption)
   caption:       str [b] (only with `include_caption`, for debugging)
 The global batch is assembled from these by the trainer (`jax.make_array_from_process_local_data`).
 
@@ -58,6 +59,9 @@ def get_config_defaults() -> ml_collections.ConfigDict:
         worker_buffer_size=2,
         read_threads=4,
         include_caption=False,
+        # Multi-label prompt templates (`prompts.TEMPLATE_SETS`): "imagenet80" (GroupViT) or
+        # "photo" ("a photo of a {}.", the zero-shot evaluation's template).
+        prompt_templates="imagenet80",
         augment=dataclasses.asdict(augment.AugmentOptions()),
     ))
 
@@ -163,19 +167,23 @@ def _text(value) -> str:
 
 
 class PreprocessExample(grain.transforms.RandomMap):
-    """Record -> dict(image float32 [S, S, 3], caption str, prompts str [3])."""
+    """Record -> dict(image float32 [S, S, 3], caption str, prompts str [3], prompt_ids int32 [3])."""
 
-    def __init__(self, image_size: int, options: augment.AugmentOptions):
+    def __init__(self, image_size: int, options: augment.AugmentOptions,
+                 prompt_templates: str = "imagenet80"):
         self._image_size = image_size
         self._options = options
+        self._templates = prompts_lib.templates(prompt_templates)
 
     def random_map(self, record, rng: np.random.Generator):
         caption = _text(record["caption"])
         words = [_text(w) for w in record["words"]]
         image = augment.train_image(record["image"], rng, size=self._image_size,
                                     options=self._options)
-        prompts = prompts_lib.multi_label_prompts(words, caption, rng)
-        return dict(image=image, caption=np.array(caption), prompts=np.array(prompts))
+        prompts, ids = prompts_lib.multi_label_prompts(words, caption, rng,
+                                                      template_set=self._templates)
+        return dict(image=image, caption=np.array(caption), prompts=np.array(prompts),
+                    prompt_ids=np.array(ids, np.int32))
 
 
 @functools.cache
@@ -211,6 +219,7 @@ class TokenizeBatch(grain.transforms.Map):
             tokens=self._tokenize(batch["caption"]),
             prompt_tokens=self._tokenize(batch["prompts"].reshape(-1)).reshape(
                 b, num_prompts, self._context_length),
+            prompt_ids=batch["prompt_ids"],
         )
         if self._include_caption:
             out["caption"] = batch["caption"]
@@ -271,8 +280,9 @@ def make_train_dataset(data_config, *, process_index: int | None = None,
         sizes.append(len(source))
     ds = shards[0] if len(shards) == 1 else grain.MapDataset.mix(shards, weights)
 
-    ds = ds.random_map(PreprocessExample(int(_option(data_config, "image_size")), options),
-                       seed=_seed(seed, process_index, 1))
+    preprocess = PreprocessExample(int(_option(data_config, "image_size")), options,
+                                   str(_option(data_config, "prompt_templates")))
+    ds = ds.random_map(preprocess, seed=_seed(seed, process_index, 1))
     # Batching before `to_iter_dataset` makes whole batches the unit that threads and worker
     # processes share out, so the batches do not depend on `worker_count` or `read_threads`.
     ds = ds.batch(local_batch, drop_remainder=True)

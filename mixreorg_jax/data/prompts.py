@@ -3,9 +3,12 @@
 Each caption gives `NUM_PROMPTS` texts: up to that many of its candidate words (nouns and verbs,
 extracted once at preparation, see `data/words.py`), drawn without replacement, each put in a
 template drawn from the 80 ImageNet prompt templates of CLIP; a caption with fewer words is padded
-with the raw caption, so every example has exactly `NUM_PROMPTS` prompts.
+with the raw caption, so every example has exactly `NUM_PROMPTS` prompts. Each prompt also gets
+the id of its word (`word_id`; -1 for the caption), which the multi-label loss can use to treat
+the same word in another example's prompt as a positive (`loss.multi_label_positives`).
 """
 from collections.abc import Sequence
+import zlib
 
 import numpy as np
 
@@ -96,14 +99,36 @@ IMAGENET_TEMPLATES = (
 )
 
 
-def multi_label_prompts(words: Sequence[str], caption: str, rng: np.random.Generator,
-                        num_prompts: int = NUM_PROMPTS) -> list[str]:
-    """`num_prompts` texts: min(num_prompts, len(words)) templated words, then the caption.
+# `data.prompt_templates`: the template sets a config can name.
+TEMPLATE_SETS = {"imagenet80": IMAGENET_TEMPLATES, "photo": ("a photo of a {}.",)}
 
-    Words are drawn without replacement, each into an independently drawn template.
+
+def templates(name: str) -> tuple[str, ...]:
+    """The template set called `name` (a key of TEMPLATE_SETS); unknown names are an error."""
+    if name not in TEMPLATE_SETS:
+        raise ValueError(f"unknown prompt template set {name!r}; known: {sorted(TEMPLATE_SETS)}")
+    return TEMPLATE_SETS[name]
+
+
+def word_id(word: str) -> int:
+    """A stable non-negative int32 id of a (lower-cased) word, the same in every process."""
+    return zlib.crc32(word.lower().encode("utf-8")) & 0x7FFFFFFF
+
+
+def multi_label_prompts(words: Sequence[str], caption: str, rng: np.random.Generator,
+                        num_prompts: int = NUM_PROMPTS,
+                        template_set: Sequence[str] = IMAGENET_TEMPLATES
+                        ) -> tuple[list[str], list[int]]:
+    """(`num_prompts` texts: min(num_prompts, len(words)) templated words, then the caption;
+    their word ids, -1 for the caption).
+
+    Words are drawn without replacement, each into an independently drawn template of
+    `template_set`.
     """
     num_words = min(num_prompts, len(words))
     chosen = rng.choice(len(words), size=num_words, replace=False) if num_words else []
-    templates = rng.integers(len(IMAGENET_TEMPLATES), size=num_words)
-    prompts = [IMAGENET_TEMPLATES[t].format(words[w]) for w, t in zip(chosen, templates)]
-    return prompts + [caption] * (num_prompts - num_words)
+    drawn = rng.integers(len(template_set), size=num_words)
+    prompts = [template_set[t].format(words[w]) for w, t in zip(chosen, drawn)]
+    ids = [word_id(words[w]) for w in chosen]
+    padding = num_prompts - num_words
+    return prompts + [caption] * padding, ids + [-1] * padding
