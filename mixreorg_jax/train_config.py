@@ -111,8 +111,10 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         c.data.batch_size = 64
         c.data.synthetic_world.update(dict(image_size=32, train_size=20_000,
                                            validation_size=500, test_size=500))
-        # Whole shapes carry the caption's meaning: crops keep most of the image.
-        c.data.augment.update(dict(crop_scale=(0.6, 1.0), randaugment=False,
+        # Whole shapes carry the caption's meaning: crops keep most of the image. No flips:
+        # captions say "to the left of", and the class textures' two diagonal stripes are each
+        # other's mirror image (a flipped triangle wears the star's).
+        c.data.augment.update(dict(crop_scale=(0.6, 1.0), flip=False, randaugment=False,
                                    random_erasing=0.0))
         c.total_steps, c.warmup_steps = 400, 40
         c.optim.lr, c.optim.min_lr, c.optim.warmup_lr = 1e-3, 1e-5, 1e-6

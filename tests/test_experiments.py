@@ -97,3 +97,30 @@ def test_steady_speed_leaves_out_the_first_interval_with_compilation():
                {"step": 80, "examples_per_sec": 96.0}]
     assert synthetic.steady_steps_per_second(metrics, 32) == 3.0  # median 96 images/s
     assert np.isnan(synthetic.steady_steps_per_second(metrics[:1], 32))
+
+
+def test_diagnose_reads_patch_labels_and_reports_every_level(tmp_path):
+    import mixreorg_jax
+    from mixreorg_jax import checkpoint_io
+    from mixreorg_jax.data import synthetic as world_lib
+    from mixreorg_jax.experiments import diagnose
+    from mixreorg_jax.models import groupvit, presets
+    world = world_lib.WorldConfig(image_size=32)
+    images, present, labels = diagnose._images_and_patch_labels(world, 3, 4)
+    assert images.shape == (3, 32, 32, 3) and labels.shape == (3, 64)
+    mask = world_lib.generate_example(1, "test", world)["mask"]
+    patch = mask[8:12, 4:8]  # patch (row 2, column 1) of the 8 x 8 grid
+    assert labels[1, 2 * 8 + 1] == np.bincount(patch.ravel()).argmax()
+    assert present[1] == set(np.unique(mask)) - {0}
+
+    config = presets.get_model_config("tiny")
+    checkpoint_io.save_model(str(tmp_path / "model"),
+                             groupvit.init_variables(config, jax.random.key(0)), config)
+    model = mixreorg_jax.load(str(tmp_path / "model"))
+    got = diagnose.diagnose(model, world, num_images=6)
+    text = np.asarray(model.encode_text([f"a photo of a {n}." for n in world_lib.SHAPE_NAMES[:8]]))
+    want_cosine = ((text @ text.T).sum() - np.trace(text @ text.T)) / 56
+    np.testing.assert_allclose(got["class_prompt_cosine"], want_cosine, rtol=1e-5)
+    assert 0 <= got["image_top_class_present"] <= 1 and 0 <= got["object_segment_accuracy"] <= 1
+    assert 1 <= got["groups_per_image"] <= config.num_output_groups[-1]
+    assert 0 <= got["object_segments"] <= got["groups_per_image"] * 6
