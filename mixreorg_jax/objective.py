@@ -24,37 +24,15 @@ def init_extra_params() -> dict:
     return {"multi_label_logit_scale": jnp.asarray(math.log(1 / 0.07), jnp.float32)}
 
 
-def _encode_texts(module, texts, prompt_stats: str):
-    """texts int[B, 1 + P, L] (caption, then prompts) -> L2-normalised embeddings [B, 1 + P, D].
-
-    prompt_stats="joint": one BatchNorm batch over captions and prompts (GroupViT).
-    "separate" (ours): the projector normalises captions and prompts each with their own batch
-    statistics, and the prompts' move the running averages, which evaluation applies to its
-    prompts. With a small vocabulary the captions' variance swamps the prompts' (on the synthetic
-    world ~10x after 400 steps), so in a joint batch every class prompt projects to nearly the
-    same embedding.
-    """
-    b, n, length = texts.shape
-    if prompt_stats == "joint" or n == 1:
-        return module.encode_text(texts.reshape(b * n, length), train=True)["embedding"].reshape(
-            b, n, -1)
-    if prompt_stats != "separate":
-        raise ValueError(f"loss.prompt_stats must be 'joint' or 'separate', got {prompt_stats!r}")
-    pooled = module.text(texts.reshape(b * n, length)).reshape(b, n, -1)
-    captions = module.project_text(pooled[:, :1], train=True, update_stats=False)
-    return jnp.concatenate([captions, module.project_text(pooled[:, 1:], train=True)], axis=1)
-
-
-def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix_fns,
-             prompt_stats: str = "joint"):
+def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix_fns):
     """Everything that touches parameters, in one `apply` so batch statistics update once.
 
     Returns the embeddings the losses need: original-branch image embeddings and soft
-    assignments, caption and prompt embeddings [B, 1 + P, D] and, for MixReorg, the
-    restored-branch image embeddings, the mixed branch's projected segments and its patch ->
-    final-segment hard assignment.
+    assignments, caption and prompt embeddings and, for MixReorg, the restored-branch image
+    embeddings, the mixed branch's projected segments and its patch -> final-segment hard
+    assignment.
     """
-    text = _encode_texts(module, texts, prompt_stats)
+    text = module.encode_text(texts, train=True)["embedding"]
     if plan is None:
         image = module.encode_image(images, train=True)
         return {"image": image["embedding"], "text": text,
@@ -122,14 +100,15 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
     if not config.loss.multi_label:
         prompts = prompts[:, :0]  # Not encoded: only the multi-label loss reads them.
         p = 0
-    texts = jnp.concatenate([tokens[:, None], prompts], axis=1)
+    texts = jnp.concatenate([tokens[:, None], prompts], axis=1).reshape(b * (1 + p), length)
 
     out, updates = model.apply(
         {"params": params["model"], "batch_stats": batch_stats}, images, texts, plan,
-        mix=config.mix, mix_fns=mix_fns, prompt_stats=config.loss.prompt_stats, method=_forward,
-        mutable=["batch_stats"], rngs={"gumbel": gumbel_rng, "dropout": dropout_rng})
+        mix=config.mix, mix_fns=mix_fns, method=_forward, mutable=["batch_stats"],
+        rngs={"gumbel": gumbel_rng, "dropout": dropout_rng})
 
-    caption_emb, prompt_emb = out["text"][:, 0], out["text"][:, 1:]
+    text = out["text"].reshape(b, 1 + p, -1)
+    caption_emb, prompt_emb = text[:, 0], text[:, 1:]
     log_scale = params["model"]["logit_scale"]
     terms = {"contrastive": losses.contrastive_loss(out["image"], caption_emb, log_scale)}
     if config.loss.multi_label:

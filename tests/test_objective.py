@@ -64,38 +64,3 @@ def test_multi_label_same_word_positives_use_the_batch_prompt_ids():
     with pytest.raises(ValueError, match="'own' or 'same_word'"):
         multi_label("sameword", batch)
 
-
-def test_separate_prompt_stats_normalise_prompts_apart_and_drive_the_running_stats():
-    config = runpy.run_path(str(REPO / "configs" / "groupvit.py"))["get_config"]("tiny")
-    config.data.batch_size = 4
-    model = groupvit.GroupViT(config.model)
-    variables = groupvit.init_variables(config.model, jax.random.key(0))
-    batch = benchmark.random_batch(config, np.random.default_rng(0))
-    texts = np.concatenate([batch["tokens"][:, None], batch["prompt_tokens"]], axis=1)
-
-    def encode(prompt_stats):
-        (emb, stats) = fast_jit(lambda t: model.apply(
-            variables, t, prompt_stats, method=objective._encode_texts,
-            mutable=["batch_stats"]))(texts)
-        return emb, stats["batch_stats"]["text_projector"]["bn"]
-
-    def alone(tokens):  # one kind of text, projected in a batch of its own
-        flat = tokens.reshape(-1, tokens.shape[-1])
-        out, stats = fast_jit(lambda t: model.apply(
-            variables, t, train=True, method=groupvit.GroupViT.encode_text,
-            mutable=["batch_stats"]))(flat)
-        return out["embedding"].reshape(*tokens.shape[:2], -1), stats["batch_stats"]
-
-    joint, _ = encode("joint")
-    separate, separate_stats = encode("separate")
-    assert joint.shape == separate.shape == (4, 4, config.model.projection_dim)
-    prompts_alone, prompt_stats = alone(texts[:, 1:])
-    np.testing.assert_allclose(separate[:, :1], alone(texts[:, :1])[0], atol=1e-5)
-    np.testing.assert_allclose(separate[:, 1:], prompts_alone, atol=1e-5)
-    assert np.abs(np.asarray(joint[:, 1:] - separate[:, 1:])).max() > 1e-3
-    # The running averages moved once, with the prompts' statistics.
-    for name in ("mean", "var", "count"):
-        np.testing.assert_allclose(separate_stats[name],
-                                   prompt_stats["text_projector"]["bn"][name], rtol=1e-5)
-    with pytest.raises(ValueError, match="'joint' or 'separate'"):
-        encode("apart")
