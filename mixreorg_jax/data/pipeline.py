@@ -167,7 +167,8 @@ def _text(value) -> str:
 
 
 class PreprocessExample(grain.transforms.RandomMap):
-    """Record -> dict(image float32 [S, S, 3], caption str, prompts str [3], prompt_ids int32 [3])."""
+    """Record -> dict(image float32 [S, S, 3], caption str, prompts str [3],
+    prompt_ids int32 [3])."""
 
     def __init__(self, image_size: int, options: augment.AugmentOptions,
                  prompt_templates: str = "imagenet80"):
