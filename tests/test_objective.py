@@ -15,13 +15,19 @@ fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimizatio
                                                        "xla_llvm_disable_expensive_passes": True})
 
 
-def test_group_balance_term_is_added_only_when_weighted_and_reaches_the_grouping():
+def tiny_groupvit():
+    """(config, model, variables, params, batch): the tiny GroupViT config at batch 4."""
     config = runpy.run_path(str(REPO / "configs" / "groupvit.py"))["get_config"]("tiny")
     config.data.batch_size = 4
     model = groupvit.GroupViT(config.model)
     variables = groupvit.init_variables(config.model, jax.random.key(0))
     params = {"model": variables["params"], **objective.init_extra_params()}
-    batch = benchmark.random_batch(config, np.random.default_rng(0))
+    return config, model, variables, params, benchmark.random_batch(config,
+                                                                    np.random.default_rng(0))
+
+
+def test_group_balance_term_is_added_only_when_weighted_and_reaches_the_grouping():
+    config, model, variables, params, batch = tiny_groupvit()
 
     def terms_and_grads(weight):
         config.loss.group_balance = weight
@@ -41,12 +47,7 @@ def test_group_balance_term_is_added_only_when_weighted_and_reaches_the_grouping
 
 
 def test_multi_label_same_word_positives_use_the_batch_prompt_ids():
-    config = runpy.run_path(str(REPO / "configs" / "groupvit.py"))["get_config"]("tiny")
-    config.data.batch_size = 4
-    model = groupvit.GroupViT(config.model)
-    variables = groupvit.init_variables(config.model, jax.random.key(0))
-    params = {"model": variables["params"], **objective.init_extra_params()}
-    batch = benchmark.random_batch(config, np.random.default_rng(0))
+    config, model, variables, params, batch = tiny_groupvit()
     batch["prompt_ids"] = np.array([[1, 2, -1], [1, 3, -1], [2, 4, 5], [6, 7, 8]], np.int32)
 
     def multi_label(positives, batch):

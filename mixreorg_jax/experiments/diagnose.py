@@ -30,7 +30,8 @@ import numpy as np
 from absl import app, flags
 
 import mixreorg_jax
-from mixreorg_jax.data import augment, synthetic
+from mixreorg_jax.data import synthetic
+from mixreorg_jax.ops import segmentation
 
 
 def define_flags():
@@ -46,15 +47,14 @@ def _images_and_patch_labels(world: synthetic.WorldConfig, num_images: int, patc
     """(images float32 [B, S, S, 3] normalised, classes present: list of sets,
     majority label of each patch int[B, N])."""
     examples = [synthetic.generate_example(i, "test", world) for i in range(num_images)]
-    images = np.stack([e["image"] for e in examples]).astype(np.float32) / 255
-    images = (images - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
+    images = np.asarray(segmentation.normalize_image(np.stack([e["image"] for e in examples])))
     masks = np.stack([e["mask"] for e in examples])
     grid = world.image_size // patch
     patches = masks.reshape(num_images, grid, patch, grid, patch).transpose(0, 1, 3, 2, 4)
     patches = patches.reshape(num_images, grid * grid, patch * patch)
     counts = (patches[..., None] == np.arange(world.num_classes + 1)).sum(axis=2)
     present = [set(np.unique(m)) - {0} for m in masks]
-    return images.astype(np.float32), present, counts.argmax(axis=-1)
+    return images, present, counts.argmax(axis=-1)
 
 
 def diagnose(model: "mixreorg_jax.Model", world: synthetic.WorldConfig,
@@ -75,10 +75,7 @@ def diagnose(model: "mixreorg_jax.Model", world: synthetic.WorldConfig,
         model.variables, out["segments"], method=lambda m, s: m.project_segments(s)))
     segment_class = (segments @ text.T).argmax(axis=-1) + 1  # [B, G]
     # Patch -> final segment, chained through the grouping stages.
-    assignment = np.asarray(out["hard_assignments"][0])
-    for stage in out["hard_assignments"][1:]:
-        assignment = assignment @ np.asarray(stage)
-    owner = assignment.argmax(axis=-1)  # [B, N]
+    owner = np.asarray(segmentation.chain_assignments(out["hard_assignments"])).argmax(-1)  # [B, N]
 
     right = total = groups = 0
     for b in range(num_images):
