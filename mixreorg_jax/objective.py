@@ -24,14 +24,18 @@ def init_extra_params() -> dict:
     return {"multi_label_logit_scale": jnp.asarray(math.log(1 / 0.07), jnp.float32)}
 
 
-def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix_fns):
+def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix_fns,
+             mixseg_assignment: str = "hard"):
     """Everything that touches parameters, in one `apply` so batch statistics update once.
 
     Returns the embeddings the losses need: original-branch image embeddings and soft
     assignments, caption and prompt embeddings and, for MixReorg, the restored-branch image
-    embeddings, the mixed branch's projected segments and its patch -> final-segment hard
-    assignment.
+    embeddings, the mixed branch's projected segments and its patch -> final-segment assignment
+    (`mixseg_assignment`: the chain of "hard" straight-through or of "soft" assignments).
     """
+    if mixseg_assignment not in ("hard", "soft"):
+        raise ValueError(f"loss.mixseg_assignment must be 'hard' or 'soft', got "
+                         f"{mixseg_assignment!r}")
     text = module.encode_text(texts, train=True)["embedding"]
     if plan is None:
         image = module.encode_image(images, train=True)
@@ -54,7 +58,8 @@ def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix
                                                update_stats=False),
         "mixed_segments": module.project_segments(mixed["segments"], train=True,
                                                   stats_from=mixed["pooled"]),
-        "mixed_assignment": functools.reduce(jnp.matmul, mixed["hard_assignments"]),
+        "mixed_assignment": functools.reduce(jnp.matmul,
+                                             mixed[f"{mixseg_assignment}_assignments"]),
     }
 
 
@@ -104,7 +109,8 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
 
     out, updates = model.apply(
         {"params": params["model"], "batch_stats": batch_stats}, images, texts, plan,
-        mix=config.mix, mix_fns=mix_fns, method=_forward, mutable=["batch_stats"],
+        mix=config.mix, mix_fns=mix_fns, mixseg_assignment=config.loss.mixseg_assignment,
+        method=_forward, mutable=["batch_stats"],
         rngs={"gumbel": gumbel_rng, "dropout": dropout_rng})
 
     text = out["text"].reshape(b, 1 + p, -1)

@@ -53,9 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
     # confident token -> group assignments and evenly used groups, against grouping collapse.
     # multi_label_positives: "own" (GroupViT: an image's own prompts) or "same_word" (ours: also
     # other images' prompts of the same word; losses.multi_label_contrastive_loss).
+    # mixseg_assignment: the patch -> segment assignment of the mixed-segmentation loss, the chain
+    # of the grouping stages' "hard" (method.md: gumbel straight-through) or "soft" (ours) ones.
     c.loss = ml_collections.ConfigDict(dict(
         contrastive=1.0, multi_label=1.0, multi_label_positives="own", restore=1.0, mixseg=1.0,
-        mixseg_negatives="group", group_balance=0.0))
+        mixseg_negatives="group", mixseg_assignment="hard", group_balance=0.0))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 

@@ -65,3 +65,26 @@ def test_multi_label_same_word_positives_use_the_batch_prompt_ids():
     with pytest.raises(ValueError, match="'own' or 'same_word'"):
         multi_label("sameword", batch)
 
+
+
+def test_mixseg_soft_assignment_chains_the_soft_assignments():
+    config, model, variables, params, batch = tiny_groupvit()
+    mixreorg_config = runpy.run_path(str(REPO / "configs" / "mixreorg.py"))["get_config"]("tiny")
+    config.mix, config.loss = mixreorg_config.mix, mixreorg_config.loss
+    config.loss.contrastive = config.loss.multi_label = config.loss.restore = 0.0
+
+    def mixseg_and_grads(assignment):
+        config.loss.mixseg_assignment = assignment
+        loss = lambda p: objective.loss_fn(p, variables["batch_stats"], batch, jax.random.key(1),
+                                           model=model, config=config)
+        (_, (terms, _)), grads = fast_jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return float(terms["mixseg"]), grads
+
+    hard, hard_grads = mixseg_and_grads("hard")
+    soft, soft_grads = mixseg_and_grads("soft")
+    assert np.isfinite(soft) and abs(hard - soft) > 1e-4
+    for grads in (hard_grads, soft_grads):
+        key = grads["model"]["vision"]["stages_0"]["grouping"]["assign"]["key"]["kernel"]
+        assert np.abs(np.asarray(key)).max() > 0
+    with pytest.raises(ValueError, match="'hard' or 'soft'"):
+        mixseg_and_grads("gumbel")
