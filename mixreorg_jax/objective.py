@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mixreorg_jax import losses
-from mixreorg_jax.models import mixreorg
+from mixreorg_jax.models import groupvit, mixreorg
 from mixreorg_jax.ops import mixing
 
 
@@ -76,6 +76,20 @@ def _prompt_ids(batch, positives: str):
     return batch["prompt_ids"]
 
 
+def _word_text(batch, prompt_emb):
+    """[B, D] L2-normalised mean of each image's word-prompt embeddings [B, P, D] (ours).
+
+    The prompts that pad a caption with fewer words (the caption itself, word id -1) are left out
+    when the batch has `prompt_ids`; a caption without any word keeps them all.
+    """
+    if "prompt_ids" in batch:
+        words = batch["prompt_ids"] >= 0
+        weights = jnp.where(words.any(axis=1, keepdims=True), words, True).astype(prompt_emb.dtype)
+    else:
+        weights = jnp.ones(prompt_emb.shape[:2], prompt_emb.dtype)
+    return groupvit.l2_normalize(jnp.einsum("bp,bpd->bd", weights, prompt_emb))
+
+
 def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.ConfigDict,
             mix_fns=(mixing.mix_tokens, mixing.restore_tokens)):
     """The total training loss.
@@ -102,8 +116,11 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
         grid = (images.shape[1] // patch, images.shape[2] // patch)
         plan = mixing.mixing_plan(plan_rng, b, grid, config.mix.group_size,
                                   config.mix.block_size)
-    if not config.loss.multi_label:
-        prompts = prompts[:, :0]  # Not encoded: only the multi-label loss reads them.
+    mixseg_text = config.loss.mixseg_text
+    if mixseg_text not in ("caption", "prompts"):
+        raise ValueError(f"loss.mixseg_text must be 'caption' or 'prompts', got {mixseg_text!r}")
+    if not (config.loss.multi_label or plan is not None and mixseg_text == "prompts"):
+        prompts = prompts[:, :0]  # Not encoded: nothing reads them.
         p = 0
     texts = jnp.concatenate([tokens[:, None], prompts], axis=1).reshape(b * (1 + p), length)
 
@@ -125,8 +142,9 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
         terms["group_balance"] = losses.group_balance_loss(out["soft_assignments"])
     if plan is not None:
         terms["restore"] = losses.contrastive_loss(out["restored_image"], caption_emb, log_scale)
+        mixseg_emb = caption_emb if mixseg_text == "caption" else _word_text(batch, prompt_emb)
         terms["mixseg"] = losses.mixed_segmentation_loss(
-            out["mixed_assignment"], out["mixed_segments"], caption_emb, plan.source, log_scale,
+            out["mixed_assignment"], out["mixed_segments"], mixseg_emb, plan.source, log_scale,
             group_size=config.mix.group_size, negatives=config.loss.mixseg_negatives)
     weights = {name: config.loss[name] for name in terms}
     total, logs = losses.total_loss(terms, weights)

@@ -55,9 +55,12 @@ def base_config() -> ml_collections.ConfigDict:
     # other images' prompts of the same word; losses.multi_label_contrastive_loss).
     # mixseg_assignment: the patch -> segment assignment of the mixed-segmentation loss, the chain
     # of the grouping stages' "hard" (method.md: gumbel straight-through) or "soft" (ours) ones.
+    # mixseg_text: what each patch is classified against, its source image's "caption"
+    # (method.md) or the mean of its word "prompts" (ours; the multi-label loss's prompts).
     c.loss = ml_collections.ConfigDict(dict(
         contrastive=1.0, multi_label=1.0, multi_label_positives="own", restore=1.0, mixseg=1.0,
-        mixseg_negatives="group", mixseg_assignment="hard", group_balance=0.0))
+        mixseg_negatives="group", mixseg_assignment="hard", mixseg_text="caption",
+        group_balance=0.0))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 

@@ -88,3 +88,26 @@ def test_mixseg_soft_assignment_chains_the_soft_assignments():
         assert np.abs(np.asarray(key)).max() > 0
     with pytest.raises(ValueError, match="'hard' or 'soft'"):
         mixseg_and_grads("gumbel")
+
+    # Against the images' word prompts instead of their captions: encoded for it even with the
+    # multi-label loss off, and their text-tower gradients reach the token embedding.
+    config.loss.mixseg_assignment, config.loss.mixseg_text = "soft", "prompts"
+    prompts, prompt_grads = mixseg_and_grads("soft")
+    assert np.isfinite(prompts) and abs(prompts - soft) > 1e-4
+    token_embedding = prompt_grads["model"]["text"]["token_embedding"]["embedding"]
+    assert np.abs(np.asarray(token_embedding)).max() > 0
+    config.loss.mixseg_text = "nouns"
+    with pytest.raises(ValueError, match="'caption' or 'prompts'"):
+        mixseg_and_grads("soft")
+
+
+def test_word_text_averages_the_word_prompts_only():
+    emb = np.random.default_rng(0).normal(size=(3, 3, 4)).astype(np.float32)
+    ids = np.array([[5, -1, -1], [5, 6, -1], [-1, -1, -1]], np.int32)
+    got = np.asarray(objective._word_text({"prompt_ids": ids}, emb))
+    want = [emb[0, 0], emb[1, 0] + emb[1, 1], emb[2].sum(0)]  # no word: every prompt
+    want = np.stack([w / np.linalg.norm(w) for w in want])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    everything = np.asarray(objective._word_text({}, emb))
+    np.testing.assert_allclose(everything, emb.sum(1) / np.linalg.norm(emb.sum(1), axis=1,
+                                                                        keepdims=True), rtol=1e-5)
