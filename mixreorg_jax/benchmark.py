@@ -4,6 +4,8 @@ r"""Train-step throughput of GroupViT and MixReorg (and of PyTorch's GroupViT), 
   python -m mixreorg_jax.benchmark --config configs/mixreorg.py:demo --against=pytorch
   python -m mixreorg_jax.benchmark --config configs/mixreorg.py:paper --memory_only \
       --config.data.batch_size=128 --config.model.dtype=bfloat16
+  python -m mixreorg_jax.benchmark --config configs/mixreorg.py:paper --topology=v5e:2x2 \
+      --config.data.batch_size=512 --config.model.dtype=bfloat16  # 128 per chip
 
 The step is the trainer's own jitted update (`train_step.make_update_fn`) on random data of the
 config's shapes, so the data pipeline is not timed. `groupvit` is the same config with mixing off;
@@ -12,7 +14,9 @@ contrastive loss, AdamW) at the same sizes, batch and thread count, against our 
 with the same loss (multi-label off), and reports ours / PyTorch. `--memory_only` compiles without
 running and reports XLA's per-device memory analysis of each step (on CPU with XLA's
 memory-minimising scheduler, as accelerators schedule), and the bytes its forward pass saves for
-the backward pass (what rematerialisation shrinks).
+the backward pass (what rematerialisation shrinks). `--topology` compiles the step ahead of time
+with XLA's TPU compiler (`pip install libtpu`; no TPU needed) for a slice such as `v5e:2x2` (16 GiB
+of HBM per chip) and reports that compiler's memory analysis instead of the CPU's estimate.
 """
 import json
 import os
@@ -37,11 +41,17 @@ def define_flags():
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
     flags.DEFINE_enum("against", None, ["pytorch"], "Also time this reference implementation.")
     flags.DEFINE_bool("memory_only", False, "Compile only; report the memory analysis.")
+    flags.DEFINE_string("topology", None, "Compile ahead of time for this TPU slice (e.g. "
+                        "`v5e:2x2`, 16 GiB per chip) and report its memory analysis; needs "
+                        "`pip install libtpu`, not the TPU. Implies --memory_only.")
     flags.mark_flags_as_required(["config"])
 
 
-def random_batch(config: ml_collections.ConfigDict, rng: np.random.Generator) -> dict:
-    b, size, length = config.data.batch_size, config.model.image_size, config.model.context_length
+def random_batch(config: ml_collections.ConfigDict, rng: np.random.Generator,
+                 batch_size: int | None = None) -> dict:
+    """A batch of the config's shapes (`batch_size` examples, default the config's)."""
+    b = config.data.batch_size if batch_size is None else batch_size
+    size, length = config.model.image_size, config.model.context_length
     tokens = rng.integers(1, 49405, (b, 3 + 1, length), dtype=np.int32)
     tokens[..., 0], tokens[..., -1] = 49406, 49407  # SOT ... EOT
     return {"image": rng.standard_normal((b, size, size, 3), dtype=np.float32),
@@ -49,9 +59,13 @@ def random_batch(config: ml_collections.ConfigDict, rng: np.random.Generator) ->
             "prompt_ids": rng.integers(0, 1000, (b, 3), dtype=np.int32)}
 
 
-def build_step(config: ml_collections.ConfigDict):
-    """(update_fn, state, global batch) for `config` on all local devices."""
-    mesh = sharding.make_mesh(config.mesh)
+def build_step(config: ml_collections.ConfigDict, devices=None):
+    """(update_fn, init_fn, abstract state, state shardings, global batch, mesh) for `config`.
+
+    On `devices` (default all), e.g. those of a TPU topology compiled for ahead of time, the
+    batch is shapes only.
+    """
+    mesh = sharding.make_mesh(config.mesh, devices)
     train_step.check_batch(config, mesh)
     model = groupvit.GroupViT(config.model)
     schedule = optim.make_schedule(config.optim, 1000, 10, config.data.batch_size)
@@ -60,7 +74,12 @@ def build_step(config: ml_collections.ConfigDict):
     init = train_step.make_init_fn(model, config, tx)
     abstract, shardings = train_step.abstract_state(init, rng, mesh)
     update = train_step.make_update_fn(model, config, tx, schedule, mesh, shardings, rng)
-    batch = sharding.global_batch(random_batch(config, np.random.default_rng(0)), mesh)
+    if devices is None:
+        batch = sharding.global_batch(random_batch(config, np.random.default_rng(0)), mesh)
+    else:
+        batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype,
+                                         sharding=sharding.batch_sharding(mesh))
+                 for k, v in random_batch(config, np.random.default_rng(0), 1).items()}
     return update, init, abstract, shardings, batch, mesh
 
 
@@ -72,18 +91,18 @@ def saved_for_backward_bytes(config: ml_collections.ConfigDict, abstract_state, 
     batch shards for a per-device figure.
     """
     model = groupvit.GroupViT(config.model)
-    loss = lambda params, stats: objective.loss_fn(params, stats, batch, jax.random.key(0),
-                                                   model=model, config=config)[0]
+    loss = lambda params, stats, batch: objective.loss_fn(
+        params, stats, batch, jax.random.key(0), model=model, config=config)[0]
     residuals = jax.eval_shape(
-        lambda params, stats: jax.vjp(lambda p: loss(p, stats), params)[1],
-        abstract_state["params"], abstract_state["batch_stats"])
+        lambda params, stats, batch: jax.vjp(lambda p: loss(p, stats, batch), params)[1],
+        abstract_state["params"], abstract_state["batch_stats"], batch)
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(residuals))
 
 
-def memory_analysis(config: ml_collections.ConfigDict) -> dict:
-    """XLA's per-device memory numbers (bytes) of the compiled update step, and the bytes
-    saved for the backward pass."""
-    update, _, abstract, _, batch, mesh = build_step(config)
+def memory_analysis(config: ml_collections.ConfigDict, devices=None) -> dict:
+    """XLA's per-device memory numbers (bytes) of the compiled update step on `devices`
+    (default all), and the bytes saved for the backward pass."""
+    update, _, abstract, _, batch, mesh = build_step(config, devices)
     with jax.set_mesh(mesh):
         compiled = update.lower(abstract, batch).compile()
         saved = saved_for_backward_bytes(config, abstract, batch)
@@ -181,17 +200,24 @@ def main(argv):
         # when the backend starts, so it must be set before the first use of a device.
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_MEMORY_SCHEDULER_FLAG}"
     config = flags.FLAGS.config
+    devices = None
+    if flags.FLAGS.topology:
+        from jax.experimental import topologies
+        devices = topologies.get_topology_desc(flags.FLAGS.topology, "tpu").devices
     if config.loss.restore == 0 and config.loss.mixseg == 0:
         with config.unlocked():  # A GroupViT config: time MixReorg with the default weights.
             config.loss.restore = config.loss.mixseg = 1.0
     result = {"config": config_flags.get_config_filename(flags.FLAGS["config"]),
               "batch_size": config.data.batch_size,
               "image_size": config.model.image_size, "dtype": config.model.dtype,
-              "devices": jax.device_count(), "platform": jax.devices()[0].platform}
+              "devices": len(devices or jax.devices()),
+              "platform": (devices or jax.devices())[0].platform}
+    if flags.FLAGS.topology:
+        result["topology"] = flags.FLAGS.topology
     groupvit_config, mixreorg_config = variant(config, mix=False), variant(config, mix=True)
-    if flags.FLAGS.memory_only:
-        result["groupvit_memory"] = memory_analysis(groupvit_config)
-        result["mixreorg_memory"] = memory_analysis(mixreorg_config)
+    if flags.FLAGS.memory_only or devices:
+        result["groupvit_memory"] = memory_analysis(groupvit_config, devices)
+        result["mixreorg_memory"] = memory_analysis(mixreorg_config, devices)
         print(json.dumps(result))
         return
     steps, warmup = flags.FLAGS.steps, flags.FLAGS.warmup

@@ -26,3 +26,19 @@ def test_remat_shrinks_what_the_forward_pass_saves():
         assert 0 < remat < 0.7 * plain, (mix, plain, remat)
     # MixReorg's extra branches are saved too.
     assert saved_bytes(False, True) > saved_bytes(False, False)
+
+
+def test_devices_given_ahead_of_time_get_an_abstract_batch_of_the_same_shapes():
+    # The `--topology` path: devices that may not exist here, so the batch is shapes only.
+    config = runpy.run_path(str(REPO / "configs" / "mixreorg.py"))["get_config"]("tiny")
+    config.data.batch_size = 16
+    _, _, abstract, _, concrete, _ = benchmark.build_step(config)
+    _, _, _, _, shapes, mesh = benchmark.build_step(config, jax.devices())
+    assert set(shapes) == set(concrete)
+    for name, array in concrete.items():
+        assert isinstance(shapes[name], jax.ShapeDtypeStruct)
+        assert (shapes[name].shape, shapes[name].dtype) == (array.shape, array.dtype), name
+        assert shapes[name].sharding == array.sharding, name
+    with jax.set_mesh(mesh):
+        assert (benchmark.saved_for_backward_bytes(config, abstract, shapes)
+                == benchmark.saved_for_backward_bytes(config, abstract, concrete))
