@@ -207,11 +207,11 @@ def main(argv):
     if config.loss.restore == 0 and config.loss.mixseg == 0:
         with config.unlocked():  # A GroupViT config: time MixReorg with the default weights.
             config.loss.restore = config.loss.mixseg = 1.0
+    shown = devices or jax.devices()
     result = {"config": config_flags.get_config_filename(flags.FLAGS["config"]),
               "batch_size": config.data.batch_size,
               "image_size": config.model.image_size, "dtype": config.model.dtype,
-              "devices": len(devices or jax.devices()),
-              "platform": (devices or jax.devices())[0].platform}
+              "devices": len(shown), "platform": shown[0].platform}
     if flags.FLAGS.topology:
         result["topology"] = flags.FLAGS.topology
     groupvit_config, mixreorg_config = variant(config, mix=False), variant(config, mix=True)

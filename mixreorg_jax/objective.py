@@ -7,7 +7,6 @@ MixReorg objective of method.md §4 (adds the restoration and mixed-segmentation
 Parameters are `{"model": <GroupViT params>, "multi_label_logit_scale": <0-d>}`: the multi-label
 loss has its own learned temperature, which is part of training, not of the exported model.
 """
-import functools
 import math
 
 import jax
@@ -16,7 +15,7 @@ import ml_collections
 
 from mixreorg_jax import losses
 from mixreorg_jax.models import groupvit, mixreorg
-from mixreorg_jax.ops import mixing
+from mixreorg_jax.ops import mixing, segmentation
 
 
 def init_extra_params() -> dict:
@@ -33,9 +32,6 @@ def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix
     embeddings, the mixed branch's projected segments and its patch -> final-segment assignment
     (`mixseg_assignment`: the chain of "hard" straight-through or of "soft" assignments).
     """
-    if mixseg_assignment not in ("hard", "soft"):
-        raise ValueError(f"loss.mixseg_assignment must be 'hard' or 'soft', got "
-                         f"{mixseg_assignment!r}")
     text = module.encode_text(texts, train=True)["embedding"]
     if plan is None:
         image = module.encode_image(images, train=True)
@@ -58,8 +54,8 @@ def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix
                                                update_stats=False),
         "mixed_segments": module.project_segments(mixed["segments"], train=True,
                                                   stats_from=mixed["pooled"]),
-        "mixed_assignment": functools.reduce(jnp.matmul,
-                                             mixed[f"{mixseg_assignment}_assignments"]),
+        "mixed_assignment": segmentation.chain_assignments(
+            mixed[f"{mixseg_assignment}_assignments"]),
     }
 
 
@@ -116,6 +112,9 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
         grid = (images.shape[1] // patch, images.shape[2] // patch)
         plan = mixing.mixing_plan(plan_rng, b, grid, config.mix.group_size,
                                   config.mix.block_size)
+    if config.loss.mixseg_assignment not in ("hard", "soft"):
+        raise ValueError(f"loss.mixseg_assignment must be 'hard' or 'soft', got "
+                         f"{config.loss.mixseg_assignment!r}")
     mixseg_text = config.loss.mixseg_text
     if mixseg_text not in ("caption", "prompts"):
         raise ValueError(f"loss.mixseg_text must be 'caption' or 'prompts', got {mixseg_text!r}")

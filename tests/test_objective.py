@@ -66,7 +66,6 @@ def test_multi_label_same_word_positives_use_the_batch_prompt_ids():
         multi_label("sameword", batch)
 
 
-
 def test_mixseg_soft_assignment_chains_the_soft_assignments():
     config, model, variables, params, batch = tiny_groupvit()
     mixreorg_config = runpy.run_path(str(REPO / "configs" / "mixreorg.py"))["get_config"]("tiny")
