@@ -27,8 +27,8 @@ run python -m mixreorg_jax.train --config configs/mixreorg.py:demo --workdir "$w
 # The world the demo trained on (prepared by then; this only finds its directory).
 world_dir="$data_dir"
 if (( ! dry_run )); then
-  world_dir=$(python -c "import runpy; from mixreorg_jax.data import pipeline
-c = runpy.run_path('configs/mixreorg.py')['get_config']('demo')
+  world_dir=$(python -c "from mixreorg_jax import train_config; from mixreorg_jax.data import pipeline
+c = train_config.from_file('configs/mixreorg.py:demo')
 c.data.synthetic_dir = '$data_dir'
 print(pipeline.prepare_synthetic_world(c.data))" | tail -1)
 fi

@@ -1,16 +1,15 @@
 """The benchmark's memory report: what the forward pass saves for the backward pass."""
 import pathlib
-import runpy
 
 import jax
 
-from mixreorg_jax import benchmark
+from mixreorg_jax import benchmark, train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def saved_bytes(remat: bool, mix: bool) -> int:
-    config = runpy.run_path(str(REPO / "configs" / "mixreorg.py"))["get_config"]("tiny")
+    config = train_config.from_file(f"{REPO}/configs/mixreorg.py:tiny")
     config = benchmark.variant(config, mix=mix)
     config.data.batch_size = 16
     config.model.remat = remat
@@ -30,7 +29,7 @@ def test_remat_shrinks_what_the_forward_pass_saves():
 
 def test_devices_given_ahead_of_time_get_an_abstract_batch_of_the_same_shapes():
     # The `--topology` path: devices that may not exist here, so the batch is shapes only.
-    config = runpy.run_path(str(REPO / "configs" / "mixreorg.py"))["get_config"]("tiny")
+    config = train_config.from_file(f"{REPO}/configs/mixreorg.py:tiny")
     config.data.batch_size = 16
     _, _, abstract, _, concrete, _ = benchmark.build_step(config)
     _, _, _, _, shapes, mesh = benchmark.build_step(config, jax.devices())

@@ -33,16 +33,19 @@ def test_parse_value():
 
 def _summary(name, seed, miou):
     curves = [{"step": s, "contrastive": 4.0 - s / 100, "mixseg": 0.69} for s in (10, 20)]
-    return dict(name=name, seed=seed, miou=miou, steps_per_second=2.0, curves=curves)
+    baselines = {"group_oracle": {"miou": miou + 0.2}, "all_background": {"miou": 0.08}}
+    return dict(name=name, seed=seed, miou=miou, baselines=baselines, steps_per_second=2.0,
+                curves=curves)
 
 
 def test_table_gives_mean_and_std_over_seeds_and_the_command():
     summaries = [_summary("groupvit", 0, 0.10), _summary("groupvit", 1, 0.20),
                  _summary("block_size_2", 0, 0.30)]
     table = synthetic.markdown_table(summaries, "python -m x --seeds=0,1")
-    assert "| groupvit | - | 15.0 ± 5.0 | 10.0 / 20.0 | 2.00 |" in table
-    assert "| block_size_2 | mix.block_size=2 | 30.0 ± 0.0 | 30.0 | 2.00 |" in table
+    assert "| groupvit | - | 15.0 ± 5.0 | 10.0 / 20.0 | 35.0 ± 5.0 | 2.00 |" in table
+    assert "| block_size_2 | mix.block_size=2 | 30.0 ± 0.0 | 30.0 | 50.0 ± 0.0 | 2.00 |" in table
     assert "Seeds 0, 1; produced by `python -m x --seeds=0,1`." in table
+    assert "All background: 8.0." in table
 
 
 def test_main_writes_results_table_and_plots(tmp_path, monkeypatch):

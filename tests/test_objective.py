@@ -1,13 +1,12 @@
 """The training objective's optional terms, on the tiny model."""
 import functools
 import pathlib
-import runpy
 
 import jax
 import numpy as np
 import pytest
 
-from mixreorg_jax import benchmark, objective
+from mixreorg_jax import benchmark, objective, train_config
 from mixreorg_jax.models import groupvit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -17,7 +16,7 @@ fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimizatio
 
 def tiny_groupvit():
     """(config, model, variables, params, batch): the tiny GroupViT config at batch 4."""
-    config = runpy.run_path(str(REPO / "configs" / "groupvit.py"))["get_config"]("tiny")
+    config = train_config.from_file(f"{REPO}/configs/groupvit.py:tiny")
     config.data.batch_size = 4
     model = groupvit.GroupViT(config.model)
     variables = groupvit.init_variables(config.model, jax.random.key(0))
@@ -68,7 +67,7 @@ def test_multi_label_same_word_positives_use_the_batch_prompt_ids():
 
 def test_mixseg_soft_assignment_chains_the_soft_assignments():
     config, model, variables, params, batch = tiny_groupvit()
-    mixreorg_config = runpy.run_path(str(REPO / "configs" / "mixreorg.py"))["get_config"]("tiny")
+    mixreorg_config = train_config.from_file(f"{REPO}/configs/mixreorg.py:tiny")
     config.mix, config.loss = mixreorg_config.mix, mixreorg_config.loss
     config.loss.contrastive = config.loss.multi_label = config.loss.restore = 0.0
 

@@ -13,7 +13,6 @@ within a worker later runs of a config reuse its jitted functions.
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -154,10 +153,8 @@ def compiled_init(shared_root, synthetic_dir, persistent_compile_cache, reuse_tr
 
 def tiny_config(name: str, synthetic_dir) -> ml_collections.ConfigDict:
     """`configs/<name>.py:tiny` as every test here trains it (see `cli_overrides`)."""
-    spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return train_config.apply_overrides(module.get_config("tiny"), _overrides(synthetic_dir))
+    return train_config.apply_overrides(train_config.from_file(f"{REPO}/configs/{name}.py:tiny"),
+                                        _overrides(synthetic_dir))
 
 
 def _overrides(synthetic_dir) -> dict:

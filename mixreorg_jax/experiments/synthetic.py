@@ -14,7 +14,6 @@ over seeds), `miou.png` (mIoU of every run) and `curves.png` (training losses).
 """
 import json
 import pathlib
-import runpy
 import shlex
 import time
 
@@ -63,7 +62,7 @@ def run_config(name: str, seed: int, extra: dict, synthetic_dir: str):
     if name not in RUNS:
         raise ValueError(f"unknown run {name!r}; known: {', '.join(RUNS)}")
     config_file, overrides = RUNS[name]
-    config = runpy.run_path(str(REPO / "configs" / f"{config_file}.py"))["get_config"]("demo")
+    config = train_config.from_file(f"{REPO / 'configs' / config_file}.py:demo")
     config.seed = seed
     config.data.synthetic_dir = synthetic_dir
     return train_config.apply_overrides(config, {**overrides, **extra})
@@ -119,17 +118,22 @@ def run_one(name: str, seed: int, extra: dict, root: pathlib.Path, synthetic_dir
 
 def markdown_table(summaries: list[dict], command: str) -> str:
     names = list(dict.fromkeys(s["name"] for s in summaries))
-    lines = ["| run | changed | mIoU (%) mean ± std | per seed | steps/s (steady) |",
-             "|---|---|---|---|---|"]
+    lines = ["| run | changed | mIoU (%) mean ± std | per seed | group oracle (%) | "
+             "steps/s (steady) |", "|---|---|---|---|---|---|"]
     for name in names:
         runs = [s for s in summaries if s["name"] == name]
         miou = np.array([100 * s["miou"] for s in runs])
+        oracle = np.array([100 * s["baselines"]["group_oracle"]["miou"] for s in runs])
         changed = ", ".join(f"{k}={v}" for k, v in RUNS[name][1].items()) or "-"
         lines.append(f"| {name} | {changed} | {miou.mean():.1f} ± {miou.std():.1f} | "
                      + " / ".join(f"{m:.1f}" for m in miou)
+                     + f" | {oracle.mean():.1f} ± {oracle.std():.1f}"
                      + f" | {np.mean([s['steps_per_second'] for s in runs]):.2f} |")
+    background = np.mean([100 * s["baselines"]["all_background"]["miou"] for s in summaries])
     seeds = sorted({s["seed"] for s in summaries})
-    lines += ["", f"Seeds {', '.join(map(str, seeds))}; produced by `{command}`."]
+    lines += ["", f"Seeds {', '.join(map(str, seeds))}; produced by `{command}`. Group oracle: "
+              "every predicted group labelled with its true majority class (what perfect "
+              f"labelling of these groups would score). All background: {background:.1f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -142,6 +146,9 @@ def plot(summaries: list[dict], output_dir: pathlib.Path):
         values = [100 * s["miou"] for s in summaries if s["name"] == name]
         ax.scatter([i] * len(values), values, color=f"C{i}")
         ax.hlines(np.mean(values), i - 0.25, i + 0.25, color=f"C{i}")
+    background = np.mean([100 * s["baselines"]["all_background"]["miou"] for s in summaries])
+    ax.axhline(background, color="gray", linestyle="--", label="all background")
+    ax.legend(fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("test mIoU (%)")
     ax.set_title("synthetic world, demo budget")
