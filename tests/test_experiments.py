@@ -23,6 +23,23 @@ def test_run_configs_apply_the_run_then_the_common_overrides():
         synthetic.run_config("mixup", 0, {}, "/w")
 
 
+def test_groupvit_and_mixreorg_runs_differ_only_in_the_method():
+    """Same world, model, data, schedule and options: the benchmark compares methods."""
+    flat = {name: synthetic.run_config(name, 0, {}, "/w").to_dict() for name in
+            ("groupvit", "mixreorg")}
+
+    def leaves(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    groupvit, mixreorg = (dict(leaves(flat[name])) for name in ("groupvit", "mixreorg"))
+    differ = {key for key in groupvit if groupvit[key] != mixreorg[key]}
+    assert differ == {"mix.enabled", "loss.restore", "loss.mixseg"}
+
+
 def test_parse_value():
     assert synthetic.parse_value("3") == 3
     assert synthetic.parse_value("1e-3") == 1e-3
