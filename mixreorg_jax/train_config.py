@@ -118,6 +118,7 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         c.model.dtype = "bfloat16"
     elif variant == "demo":
         c.model = presets.get_model_config("demo")
+        c.model.weight_init = "lecun_normal"  # GroupViT's std 0.02 is made for width 384
         c.data.batch_size = 64
         # Objects wear their class's texture, so one 4 px patch can show its class.
         c.data.synthetic_world.update(dict(image_size=32, class_texture_prob=1.0,

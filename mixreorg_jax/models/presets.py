@@ -97,7 +97,6 @@ def _demo() -> ml_collections.ConfigDict:
         context_length=24,
         projection_dim=64,
         projection_hidden=256,
-        weight_init="lecun_normal",  # GroupViT's std 0.02 is made for width 384
     ))
     return config
 
