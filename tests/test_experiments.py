@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from absl import flags
 from absl.testing import flagsaver
+from flax import traverse_util
 
 from mixreorg_jax.experiments import synthetic
 
@@ -25,17 +26,10 @@ def test_run_configs_apply_the_run_then_the_common_overrides():
 
 def test_groupvit_and_mixreorg_runs_differ_only_in_the_method():
     """Same world, model, data, schedule and options: the benchmark compares methods."""
-    flat = {name: synthetic.run_config(name, 0, {}, "/w").to_dict() for name in
-            ("groupvit", "mixreorg")}
-
-    def leaves(tree, prefix=""):
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                yield from leaves(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-
-    groupvit, mixreorg = (dict(leaves(flat[name])) for name in ("groupvit", "mixreorg"))
+    groupvit, mixreorg = (
+        traverse_util.flatten_dict(synthetic.run_config(name, 0, {}, "/w").to_dict(), sep=".")
+        for name in ("groupvit", "mixreorg"))
+    assert groupvit.keys() == mixreorg.keys()
     differ = {key for key in groupvit if groupvit[key] != mixreorg[key]}
     assert differ == {"mix.enabled", "loss.restore", "loss.mixseg"}
 
