@@ -18,9 +18,10 @@ from mixreorg_jax.models import groupvit, mixreorg
 from mixreorg_jax.ops import mixing, segmentation
 
 
-def init_extra_params() -> dict:
-    """Training-only parameters, beside the model's."""
-    return {"multi_label_logit_scale": jnp.asarray(math.log(1 / 0.07), jnp.float32)}
+def init_extra_params(log_scale: float = math.log(1 / 0.07)) -> dict:
+    """Training-only parameters, beside the model's; the multi-label loss's log logit scale
+    starts at `log_scale` (GroupViT: the image-text scale's initial value, log(1 / 0.07))."""
+    return {"multi_label_logit_scale": jnp.asarray(log_scale, jnp.float32)}
 
 
 def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix_fns,

@@ -4,9 +4,10 @@ import pathlib
 
 import jax
 import numpy as np
+import optax
 import pytest
 
-from mixreorg_jax import benchmark, objective, train_config
+from mixreorg_jax import benchmark, objective, train_config, train_step
 from mixreorg_jax.models import groupvit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -109,3 +110,12 @@ def test_word_text_averages_the_word_prompts_only():
     everything = np.asarray(objective._word_text({}, emb))
     np.testing.assert_allclose(everything, emb.sum(1) / np.linalg.norm(emb.sum(1), axis=1,
                                                                         keepdims=True), rtol=1e-5)
+
+
+def test_multi_label_logit_scale_starts_at_the_models_initial_scale():
+    config = train_config.from_file(f"{REPO}/configs/groupvit.py:tiny")
+    config.model.logit_scale_init = 2.5
+    init = train_step.make_init_fn(groupvit.GroupViT(config.model), config, optax.sgd(0.1))
+    params = fast_jit(init)(jax.random.key(0))["params"]
+    assert float(params["model"]["logit_scale"]) == 2.5
+    assert float(params["multi_label_logit_scale"]) == 2.5

@@ -35,6 +35,10 @@ RUNS = {
     "group_size_4": ("mixreorg", {"mix.group_size": 4}),
     "block_size_1": ("mixreorg", {"mix.block_size": 1}),
     "block_size_2": ("mixreorg", {"mix.block_size": 2}),
+    # The (ours) alternatives of method.md §4.
+    "progressive_average": ("mixreorg", {"mix.progressive_mode": "average"}),
+    "mixseg_batch_negatives": ("mixreorg", {"loss.mixseg_negatives": "batch"}),
+    "mixseg_soft_assignment": ("mixreorg", {"loss.mixseg_assignment": "soft"}),
 }
 ABLATIONS = tuple(name for name in RUNS if name not in ("groupvit", "mixreorg"))
 
