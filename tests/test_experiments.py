@@ -138,3 +138,9 @@ def test_diagnose_reads_patch_labels_and_reports_every_level(tmp_path):
     assert 0 <= got["image_top_class_present"] <= 1 and 0 <= got["object_segment_accuracy"] <= 1
     assert 1 <= got["groups_per_image"] <= config.num_output_groups[-1]
     assert 0 <= got["object_segments"] <= got["groups_per_image"] * 6
+
+    assert diagnose.training_world(str(tmp_path / "model")) == {}  # not a training workdir
+    (tmp_path / "workdir").mkdir()
+    (tmp_path / "workdir" / "config.json").write_text(
+        '{"data": {"synthetic_world": {"class_texture_prob": 1.0}}}')
+    assert diagnose.training_world(str(tmp_path / "workdir")) == {"class_texture_prob": 1.0}

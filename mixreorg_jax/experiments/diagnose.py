@@ -1,10 +1,11 @@
 r"""Where does a trained model's zero-shot segmentation fail? Text, image or segment level.
 
-  python -m mixreorg_jax.experiments.diagnose --model=WORKDIR \
-      --world='{"class_texture_prob": 1.0}'
+  python -m mixreorg_jax.experiments.diagnose --model=WORKDIR [--world='{"max_objects": 2}']
 
 Runs the model (evaluation mode, as the eval binary does) on freshly generated synthetic-world
-test images, with the prompt "a photo of a {class}." for each class, and prints one JSON line:
+test images (the world a training workdir's config.json trained on, with `--world`'s changes;
+the default world for any other model), with the prompt "a photo of a {class}." for each class,
+and prints one JSON line:
 
   class_prompt_cosine   mean cosine between the projected prompts of two different classes
                         (1.0: the text side cannot tell the classes apart)
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from etils import epath
 
 import mixreorg_jax
 from mixreorg_jax.data import synthetic
@@ -38,8 +40,8 @@ def define_flags():
     """Defined only when run as a program: the probe, imported beside it in tests, has a
     `--model` flag of its own."""
     flags.DEFINE_string("model", None, "A training workdir or model checkpoint.", required=True)
-    flags.DEFINE_string("world", "{}", "JSON overrides of the WorldConfig (image_size follows "
-                        "the model).")
+    flags.DEFINE_string("world", "{}", "JSON overrides of the world the model trained on "
+                        "(image_size follows the model).")
     flags.DEFINE_integer("num_images", 256, "Test images to generate.")
 
 
@@ -95,11 +97,19 @@ def diagnose(model: "mixreorg_jax.Model", world: synthetic.WorldConfig,
         num_images=num_images)
 
 
+def training_world(path: str) -> dict:
+    """The synthetic world settings a training workdir's config.json trained on, else {}."""
+    config_file = epath.Path(path).expanduser() / "config.json"
+    if not config_file.exists():
+        return {}
+    return json.loads(config_file.read_text()).get("data", {}).get("synthetic_world", {})
+
+
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
     model = mixreorg_jax.load(FLAGS.model)
-    world = synthetic.WorldConfig(**{**json.loads(FLAGS.world),
+    world = synthetic.WorldConfig(**{**training_world(FLAGS.model), **json.loads(FLAGS.world),
                                      "image_size": model.config.image_size})
     print(json.dumps(dict(model=FLAGS.model, **diagnose(model, world, FLAGS.num_images))))
 
