@@ -22,7 +22,8 @@ def make_init_fn(model, config: ml_collections.ConfigDict, tx: optax.GradientTra
             {"params": rng, "gumbel": rng, "dropout": rng},
             jnp.zeros((1, size, size, config.model.num_channels), jnp.float32),
             jnp.zeros((1, config.model.context_length), jnp.int32))
-        params = {"model": variables["params"], **objective.init_extra_params(config.model.logit_scale_init)}
+        params = {"model": variables["params"],
+                  **objective.init_extra_params(config.model.logit_scale_init)}
         return {"step": jnp.zeros((), jnp.int32), "params": params,
                 "batch_stats": variables["batch_stats"], "opt_state": tx.init(params)}
     return init
