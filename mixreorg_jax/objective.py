@@ -7,8 +7,6 @@ MixReorg objective of method.md §4 (adds the restoration and mixed-segmentation
 Parameters are `{"model": <GroupViT params>, "multi_label_logit_scale": <0-d>}`: the multi-label
 loss has its own learned temperature, which is part of training, not of the exported model.
 """
-import math
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,9 +16,10 @@ from mixreorg_jax.models import groupvit, mixreorg
 from mixreorg_jax.ops import mixing, segmentation
 
 
-def init_extra_params(log_scale: float = math.log(1 / 0.07)) -> dict:
+def init_extra_params(log_scale: float) -> dict:
     """Training-only parameters, beside the model's; the multi-label loss's log logit scale
-    starts at `log_scale` (GroupViT: the image-text scale's initial value, log(1 / 0.07))."""
+    starts at `log_scale`, the model's `logit_scale_init` (as in GroupViT, where both start at
+    log(1 / 0.07))."""
     return {"multi_label_logit_scale": jnp.asarray(log_scale, jnp.float32)}
 
 

@@ -21,7 +21,8 @@ def tiny_groupvit():
     config.data.batch_size = 4
     model = groupvit.GroupViT(config.model)
     variables = groupvit.init_variables(config.model, jax.random.key(0))
-    params = {"model": variables["params"], **objective.init_extra_params()}
+    params = {"model": variables["params"],
+              **objective.init_extra_params(config.model.logit_scale_init)}
     return config, model, variables, params, benchmark.random_batch(config,
                                                                     np.random.default_rng(0))
 
