@@ -61,6 +61,18 @@ def contrastive_loss(image_emb, text_emb, log_scale):
   return -0.5 * (image_to_text.mean() + text_to_image.mean())
 
 
+def _positives(batch, num_prompts, prompt_ids=None):
+  """bool[B images, B captions, P prompts]: image i's own prompts and, with `prompt_ids`, every
+  prompt whose word id is one of image i's own prompts' (non-negative) ids."""
+  positive = jnp.broadcast_to(jnp.eye(batch, dtype=bool)[:, :, None],
+                              (batch, batch, num_prompts))
+  if prompt_ids is not None:
+    own_ids = prompt_ids[:, None, None, :]  # [B images, 1, 1, P own]
+    same_word = (prompt_ids[None, :, :, None] == own_ids) & (own_ids >= 0)
+    positive = positive | same_word.any(axis=-1)
+  return positive
+
+
 def multi_label_contrastive_loss(image_emb, prompt_emb, log_scale, prompt_ids=None):
   """GroupViT's multi-label contrastive loss with soft targets over the whole batch.
 
@@ -84,8 +96,14 @@ def multi_label_contrastive_loss(image_emb, prompt_emb, log_scale, prompt_ids=No
   scale the text side by 1/P); (2) the text side's negatives are the other B - 1 images only,
   never the other prompts.
 
+  Segments (ours): with image_emb [B, S, D], an image's S segment embeddings, an image-prompt
+  score is its best-matching segment's (multiple-instance learning, like FILIP's token-wise
+  maximum similarity, Yao et al. 2021, with segments for tokens): a prompt is found in an image
+  when one of its segments matches it, which is what zero-shot segmentation asks of the
+  segments, where the pooled embedding only constrains their mean.
+
   Args:
-    image_emb: [B, D] L2-normalised image embeddings.
+    image_emb: [B, D] L2-normalised image embeddings, or [B, S, D] segment embeddings.
     prompt_emb: [B, P, D] L2-normalised embeddings of each image's P prompts.
     log_scale: [] the multi-label loss's own learned log logit scale (clamped at 100).
     prompt_ids: optional int[B, P], the word in each prompt (`data.prompts.word_id`); a negative
@@ -94,10 +112,10 @@ def multi_label_contrastive_loss(image_emb, prompt_emb, log_scale, prompt_ids=No
   Returns:
     [] float32 loss.
   """
-  if (image_emb.ndim != 2 or prompt_emb.ndim != 3 or prompt_emb.shape[0] != image_emb.shape[0]
-      or prompt_emb.shape[2] != image_emb.shape[1]):
-    raise ValueError("multi_label_contrastive_loss wants image_emb [B, D] and prompt_emb "
-                     f"[B, P, D], got {image_emb.shape} and {prompt_emb.shape}.")
+  if (image_emb.ndim not in (2, 3) or prompt_emb.ndim != 3
+      or prompt_emb.shape[0] != image_emb.shape[0] or prompt_emb.shape[2] != image_emb.shape[-1]):
+    raise ValueError("multi_label_contrastive_loss wants image_emb [B, D] or [B, S, D] and "
+                     f"prompt_emb [B, P, D], got {image_emb.shape} and {prompt_emb.shape}.")
   if prompt_ids is not None and prompt_ids.shape != prompt_emb.shape[:2]:
     raise ValueError(f"prompt_ids must be [B, P] = {prompt_emb.shape[:2]}, got "
                      f"{prompt_ids.shape}.")
@@ -105,16 +123,13 @@ def multi_label_contrastive_loss(image_emb, prompt_emb, log_scale, prompt_ids=No
   prompt_emb = prompt_emb.astype(jnp.float32)
   batch, num_prompts, _ = prompt_emb.shape
   # [B images, B captions, P prompts]
-  logits = jnp.einsum("id,cpd->icp", image_emb, prompt_emb, precision=_HIGHEST)
+  if image_emb.ndim == 2:
+    logits = jnp.einsum("id,cpd->icp", image_emb, prompt_emb, precision=_HIGHEST)
+  else:
+    logits = jnp.einsum("isd,cpd->iscp", image_emb, prompt_emb, precision=_HIGHEST).max(1)
   logits = logits * logit_scale(log_scale)
 
-  positive = jnp.broadcast_to(jnp.eye(batch, dtype=bool)[:, :, None], logits.shape)
-  if prompt_ids is not None:
-    # Image i's word set is its own prompts' ids; prompt (c, p) is positive if its id is in it.
-    own_ids = prompt_ids[:, None, None, :]  # [B images, 1, 1, P own]
-    same_word = (prompt_ids[None, :, :, None] == own_ids) & (own_ids >= 0)
-    positive = positive | same_word.any(axis=-1)
-  positive = positive.astype(jnp.float32)
+  positive = _positives(batch, num_prompts, prompt_ids).astype(jnp.float32)
 
   # Image side: a softmax over all B*P prompts.
   image_log_probs = jax.nn.log_softmax(logits.reshape(batch, batch * num_prompts), axis=1)
@@ -124,6 +139,43 @@ def multi_label_contrastive_loss(image_emb, prompt_emb, log_scale, prompt_ids=No
   text_log_probs = jax.nn.log_softmax(logits, axis=0)
   text_side = -(positive * text_log_probs).sum(0) / positive.sum(0)
   return 0.5 * (image_side.mean() + text_side.mean())
+
+
+def segment_retrieval_loss(segment_emb, prompt_emb, log_scale, prompt_ids=None):
+  """Each prompt retrieves its images' best-matching segments among all segments (ours).
+
+  Prompt (c, p) is scored against all B*S segments of the batch; the target spreads 1 evenly
+  over the best-matching segment of each of its positive images (as in
+  `multi_label_contrastive_loss`: the prompt's own image and, with `prompt_ids`, every image
+  showing its word). Every other segment is a negative: the rest of a positive image's segments
+  (its background and other objects) as well as all segments of the other images, so a prompt
+  should match one segment per image it names and nothing else, which is what the zero-shot
+  evaluation's background threshold asks of the segments' similarities. The best segment is
+  chosen without gradient, as in multiple-instance learning.
+
+  Args:
+    segment_emb: [B, S, D] L2-normalised segment embeddings.
+    prompt_emb: [B, P, D] L2-normalised embeddings of each image's P prompts.
+    log_scale: [] learned log logit scale (clamped at 100).
+    prompt_ids: optional int[B, P] word ids, as in `multi_label_contrastive_loss`.
+
+  Returns:
+    [] float32 cross-entropy averaged over the B*P prompts.
+  """
+  if (segment_emb.ndim != 3 or prompt_emb.ndim != 3 or prompt_emb.shape[0] != segment_emb.shape[0]
+      or prompt_emb.shape[2] != segment_emb.shape[2]):
+    raise ValueError("segment_retrieval_loss wants segment_emb [B, S, D] and prompt_emb "
+                     f"[B, P, D], got {segment_emb.shape} and {prompt_emb.shape}.")
+  batch, num_segments, _ = segment_emb.shape
+  num_prompts = prompt_emb.shape[1]
+  # [B captions, P prompts, B images, S segments]
+  sims = jnp.einsum("cpd,isd->cpis", prompt_emb.astype(jnp.float32),
+                    segment_emb.astype(jnp.float32), precision=_HIGHEST)
+  best = jax.nn.one_hot(jnp.argmax(jax.lax.stop_gradient(sims), axis=-1), num_segments)
+  positive = jnp.moveaxis(_positives(batch, num_prompts, prompt_ids), 0, -1)  # [B, P, B images]
+  targets = (best * positive[..., None]).reshape(batch, num_prompts, -1)
+  log_probs = jax.nn.log_softmax((sims * logit_scale(log_scale)).reshape(targets.shape), axis=-1)
+  return (-(targets * log_probs).sum(-1) / targets.sum(-1)).mean()
 
 
 def mixed_segmentation_loss(assignment, segment_emb, text_emb, source, log_scale, *,

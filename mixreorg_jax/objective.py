@@ -24,20 +24,33 @@ def init_extra_params(log_scale: float) -> dict:
 
 
 def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix_fns,
-             mixseg_assignment: str = "hard"):
+             mixseg_assignment: str = "hard", segments: bool = False):
     """Everything that touches parameters, in one `apply` so batch statistics update once.
 
     Returns the embeddings the losses need: original-branch image embeddings and soft
     assignments, caption and prompt embeddings and, for MixReorg, the restored-branch image
     embeddings, the mixed branch's projected segments and its patch -> final-segment assignment
-    (`mixseg_assignment`: the chain of "hard" straight-through or of "soft" assignments).
+    (`mixseg_assignment`: the chain of "hard" straight-through or of "soft" assignments) and,
+    with `segments`, the original branch's projected final segments.
     """
     text = module.encode_text(texts, train=True)["embedding"]
     if plan is None:
-        image = module.encode_image(images, train=True)
-        return {"image": image["embedding"], "text": text,
-                "soft_assignments": image["soft_assignments"]}
+        orig = module.encode_image(images, train=True)
+        out = {"image": orig["embedding"], "text": text,
+               "soft_assignments": orig["soft_assignments"]}
+    else:
+        out = _mixreorg_forward(module, images, plan, mix=mix, mix_fns=mix_fns,
+                                mixseg_assignment=mixseg_assignment)
+        orig = out.pop("original")
+        out["text"] = text
+    if segments:
+        out["segments"] = module.project_segments(orig["segments"], train=True,
+                                                  stats_from=orig["pooled"])
+    return out
 
+
+def _mixreorg_forward(module, images, plan, *, mix, mix_fns, mixseg_assignment):
+    """MixReorg's three image branches and what its losses read of them (`_forward`)."""
     mix_fn, restore_fn = mix_fns
     branches = mixreorg.mixreorg_image_forward(
         module, images, plan, contextual_depth=mix.contextual_depth,
@@ -47,8 +60,8 @@ def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix
     # Each branch is normalised with its own batch statistics; only the original branch moves
     # the running averages used at evaluation.
     return {
+        "original": orig,
         "image": module.project_image(orig["pooled"], train=True),
-        "text": text,
         "soft_assignments": orig["soft_assignments"],
         "restored_image": module.project_image(restored["pooled"], train=True,
                                                update_stats=False),
@@ -118,7 +131,10 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
     mixseg_text = config.loss.mixseg_text
     if mixseg_text not in ("caption", "prompts"):
         raise ValueError(f"loss.mixseg_text must be 'caption' or 'prompts', got {mixseg_text!r}")
-    if not (config.loss.multi_label or plan is not None and mixseg_text == "prompts"):
+    segment_ml = config.loss.segment_multi_label or config.loss.segment_retrieval
+    mixed_ml = plan is not None and config.loss.mixed_multi_label
+    if not (config.loss.multi_label or segment_ml or mixed_ml
+            or plan is not None and mixseg_text == "prompts"):
         prompts = prompts[:, :0]  # Not encoded: nothing reads them.
         p = 0
     texts = jnp.concatenate([tokens[:, None], prompts], axis=1).reshape(b * (1 + p), length)
@@ -126,21 +142,38 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
     out, updates = model.apply(
         {"params": params["model"], "batch_stats": batch_stats}, images, texts, plan,
         mix=config.mix, mix_fns=mix_fns, mixseg_assignment=config.loss.mixseg_assignment,
-        method=_forward, mutable=["batch_stats"],
+        segments=bool(segment_ml), method=_forward, mutable=["batch_stats"],
         rngs={"gumbel": gumbel_rng, "dropout": dropout_rng})
 
     text = out["text"].reshape(b, 1 + p, -1)
     caption_emb, prompt_emb = text[:, 0], text[:, 1:]
     log_scale = params["model"]["logit_scale"]
     terms = {"contrastive": losses.contrastive_loss(out["image"], caption_emb, log_scale)}
+    prompt_ids = None
+    if config.loss.multi_label or segment_ml or mixed_ml:
+        prompt_ids = _prompt_ids(batch, config.loss.multi_label_positives)
     if config.loss.multi_label:
         terms["multi_label"] = losses.multi_label_contrastive_loss(
-            out["image"], prompt_emb, params["multi_label_logit_scale"],
-            _prompt_ids(batch, config.loss.multi_label_positives))
+            out["image"], prompt_emb, params["multi_label_logit_scale"], prompt_ids)
+    if config.loss.segment_multi_label:
+        terms["segment_multi_label"] = losses.multi_label_contrastive_loss(
+            out["segments"], prompt_emb, params["multi_label_logit_scale"], prompt_ids)
+    if config.loss.segment_retrieval:
+        terms["segment_retrieval"] = losses.segment_retrieval_loss(
+            out["segments"], prompt_emb, params["multi_label_logit_scale"], prompt_ids)
     if config.loss.group_balance:
         terms["group_balance"] = losses.group_balance_loss(out["soft_assignments"])
     if plan is not None:
         terms["restore"] = losses.contrastive_loss(out["restored_image"], caption_emb, log_scale)
+        if mixed_ml:
+            # A mixed image shows its group's words: its prompts are the group members' (each
+            # kept apart from other prompts by its position in the batch unless `same_word`).
+            own = jnp.arange(b * p, dtype=jnp.int32).reshape(b, p)
+            ids = own if prompt_ids is None else jnp.asarray(prompt_ids)
+            k = plan.group_captions.shape[1]
+            terms["mixed_multi_label"] = losses.multi_label_contrastive_loss(
+                out["mixed_segments"], prompt_emb[plan.group_captions].reshape(b, k * p, -1),
+                params["multi_label_logit_scale"], ids[plan.group_captions].reshape(b, k * p))
         mixseg_emb = caption_emb if mixseg_text == "caption" else _word_text(batch, prompt_emb)
         terms["mixseg"] = losses.mixed_segmentation_loss(
             out["mixed_assignment"], out["mixed_segments"], mixseg_emb, plan.source, log_scale,

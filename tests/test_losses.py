@@ -56,9 +56,27 @@ def np_multi_label(image, prompts, log_scale, prompt_ids=None):
                                          and word in prompt_ids[i])
   image_targets = positive / positive.sum(1, keepdims=True)
   text_targets = positive.T / positive.T.sum(1, keepdims=True)
-  scale = np_scale(log_scale)
-  return 0.5 * (np_soft_cross_entropy(scale * image @ prompts.T, image_targets)
-                + np_soft_cross_entropy(scale * prompts @ image.T, text_targets))
+  # An image of segments [B, S, D] scores a prompt by its best segment.
+  logits = np_scale(log_scale) * (image @ prompts.T if image.ndim == 2
+                                  else (image @ prompts.T).max(axis=1))
+  return 0.5 * (np_soft_cross_entropy(logits, image_targets)
+                + np_soft_cross_entropy(logits.T, text_targets))
+
+
+def np_segment_retrieval(segments, prompts, log_scale, prompt_ids=None):
+  batch, num_segments, _ = segments.shape
+  nll = []
+  for c in range(batch):
+    for p in range(prompts.shape[1]):
+      word = None if prompt_ids is None else prompt_ids[c, p]
+      logits = np_scale(log_scale) * (segments @ prompts[c, p])  # [B images, S]
+      targets = np.zeros_like(logits)
+      for i in range(batch):
+        if i == c or (word is not None and word >= 0 and word in prompt_ids[i]):
+          targets[i, logits[i].argmax()] = 1
+      nll.append(np_soft_cross_entropy(logits.reshape(1, -1),
+                                       targets.reshape(1, -1) / targets.sum()))
+  return np.mean(nll)
 
 
 def np_mixed_segmentation(assignment, segments, text, source, log_scale, group_size, negatives):
@@ -168,6 +186,59 @@ def test_multi_label_same_word_positives_match_numpy(batch, num_prompts, vocabul
     np.testing.assert_allclose(
         multi_label_contrastive_loss(*f32(image, prompts), INIT_LOG_SCALE, unique.astype(np.int32)),
         multi_label_contrastive_loss(*f32(image, prompts), INIT_LOG_SCALE), rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch,num_segments,num_prompts", [(4, 3, 2), (5, 8, 3), (3, 1, 2)])
+def test_multi_label_on_segments_matches_numpy(batch, num_segments, num_prompts):
+  rng = np.random.default_rng(batch * num_segments)
+  segments = unit_vectors(rng, batch, num_segments, 8)
+  prompts = unit_vectors(rng, batch, num_prompts, 8)
+  ids = rng.integers(-1, 4, (batch, num_prompts)).astype(np.int32)
+  for prompt_ids in (None, ids):
+    got = multi_label_contrastive_loss(*f32(segments, prompts), INIT_LOG_SCALE, prompt_ids)
+    np.testing.assert_allclose(got, np_multi_label(segments, prompts, INIT_LOG_SCALE, prompt_ids),
+                               rtol=1e-5, atol=1e-6)
+  # One segment is the image embedding itself.
+  np.testing.assert_allclose(
+      multi_label_contrastive_loss(*f32(segments[:, :1], prompts), INIT_LOG_SCALE),
+      multi_label_contrastive_loss(*f32(segments[:, 0], prompts), INIT_LOG_SCALE), rtol=1e-6)
+
+
+def test_multi_label_on_segments_rewards_one_segment_per_prompt():
+  """Segments that each match one of the image's words beat segments that all sit at their mean,
+  which is what the pooled loss cannot tell apart."""
+  prompts = np.eye(8).reshape(4, 2, 8)  # Orthogonal words; image i shows words 2i and 2i + 1.
+  mean = prompts.sum(1, keepdims=True) / math.sqrt(2)
+  loss = lambda segments: float(multi_label_contrastive_loss(*f32(segments, prompts),
+                                                             math.log(3.0)))
+  assert loss(prompts) < loss(np.repeat(mean, 2, axis=1)) - 0.1
+  np.testing.assert_allclose(
+      loss(np.repeat(mean, 2, axis=1)),
+      multi_label_contrastive_loss(*f32(mean[:, 0], prompts), math.log(3.0)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch,num_segments,num_prompts", [(4, 3, 2), (5, 8, 3), (3, 1, 2)])
+def test_segment_retrieval_matches_numpy(batch, num_segments, num_prompts):
+  rng = np.random.default_rng(batch + num_segments)
+  segments = unit_vectors(rng, batch, num_segments, 8)
+  prompts = unit_vectors(rng, batch, num_prompts, 8)
+  ids = rng.integers(-1, 4, (batch, num_prompts)).astype(np.int32)
+  for prompt_ids in (None, ids):
+    got = jax.jit(losses.segment_retrieval_loss)(*f32(segments, prompts), INIT_LOG_SCALE,
+                                                 prompt_ids)
+    want = np_segment_retrieval(segments, prompts, INIT_LOG_SCALE, prompt_ids)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_segment_retrieval_pushes_down_the_other_segments_of_a_positive_image():
+  """A prompt's best segment in its own image is pulled up and that image's other segments are
+  pushed down: gradient descent lowers their similarity."""
+  prompts = np.eye(4)[:, None]  # [4 images, 1 prompt, D]
+  segments = np.stack([np.stack([0.8 * w + 0.6 * np.roll(w, 1), 0.6 * w + 0.8 * np.roll(w, 1)])
+                       for w in np.eye(4)])  # both segments of image i match word i, one better
+  grad = jax.grad(losses.segment_retrieval_loss)(*f32(segments, prompts), 0.0)
+  step = np.asarray(grad)[np.arange(4), :, np.arange(4)]  # d loss / d (word i's coordinate)
+  assert np.all(step[:, 0] < 0) and np.all(step[:, 1] > 0)
 
 
 def test_multi_label_with_one_prompt_is_the_contrastive_loss():

@@ -120,3 +120,66 @@ def test_multi_label_logit_scale_starts_at_the_models_initial_scale():
     params = fast_jit(init)(jax.random.key(0))["params"]
     assert float(params["model"]["logit_scale"]) == 2.5
     assert float(params["multi_label_logit_scale"]) == 2.5
+
+
+@pytest.mark.parametrize("mix,term", [(False, "segment_multi_label"),
+                                      (True, "segment_multi_label"), (False, "segment_retrieval")])
+def test_segment_terms_score_prompts_by_the_original_branchs_segments(mix, term):
+    config, model, variables, params, batch = tiny_groupvit()
+    if mix:
+        mixreorg_config = train_config.from_file(f"{REPO}/configs/mixreorg.py:tiny")
+        config.mix, config.loss = mixreorg_config.mix, mixreorg_config.loss
+        config.loss.restore = config.loss.mixseg = 0.0
+    config.loss.contrastive = 0.0
+
+    def terms_and_grads(weight):
+        config.loss[term] = weight
+        loss = lambda p: objective.loss_fn(p, variables["batch_stats"], batch, jax.random.key(1),
+                                           model=model, config=config)
+        (_, (terms, _)), grads = fast_jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return terms, grads
+
+    pooled, _ = terms_and_grads(0.0)
+    assert term not in pooled
+    config.loss.multi_label = 0.0  # the segment term alone, prompts still encoded for it
+    terms, grads = terms_and_grads(1.0)
+    assert np.isfinite(float(terms[term]))
+    assert abs(float(terms[term]) - float(pooled["multi_label"])) > 1e-4
+    key = grads["model"]["vision"]["stages_0"]["grouping"]["assign"]["key"]["kernel"]
+    assert np.abs(np.asarray(key)).max() > 0
+    assert np.abs(np.asarray(grads["multi_label_logit_scale"])) > 0
+    token_embedding = grads["model"]["text"]["token_embedding"]["embedding"]
+    assert np.abs(np.asarray(token_embedding)).max() > 0
+
+
+def test_mixed_multi_label_scores_the_mixed_segments_against_their_groups_prompts():
+    config, model, variables, params, batch = tiny_groupvit()
+    mixreorg_config = train_config.from_file(f"{REPO}/configs/mixreorg.py:tiny")
+    config.mix, config.loss = mixreorg_config.mix, mixreorg_config.loss
+    config.loss.update(contrastive=0.0, multi_label=0.0, restore=0.0, mixseg=0.0,
+                       mixed_multi_label=1.0)
+
+    def terms_and_grads(batch, positives="own"):
+        config.loss.multi_label_positives = positives
+        loss = lambda p: objective.loss_fn(p, variables["batch_stats"], batch, jax.random.key(1),
+                                           model=model, config=config)
+        (_, (terms, _)), grads = fast_jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return terms, grads
+
+    terms, grads = terms_and_grads(batch)
+    assert "mixed_multi_label" in terms
+    own = float(terms["mixed_multi_label"])
+    assert np.isfinite(own)
+    key = grads["model"]["vision"]["stages_0"]["grouping"]["assign"]["key"]["kernel"]
+    assert np.abs(np.asarray(key)).max() > 0
+    assert np.abs(np.asarray(grads["model"]["text"]["token_embedding"]["embedding"])).max() > 0
+    # A prompt is a positive of both mixed images of its group, not a negative of its partner:
+    # word ids that are all different give the same loss as "own", shared words a different one.
+    unique = dict(batch, prompt_ids=np.arange(12, dtype=np.int32).reshape(4, 3))
+    same_word = float(terms_and_grads(unique, "same_word")[0]["mixed_multi_label"])
+    np.testing.assert_allclose(same_word, own, rtol=1e-5)
+    shared = dict(batch, prompt_ids=np.array([[1, 2, -1], [1, 3, -1], [2, 4, 5], [6, 1, 8]],
+                                             np.int32))
+    assert abs(float(terms_and_grads(shared, "same_word")[0]["mixed_multi_label"]) - own) > 1e-4
+    config.mix.enabled = False  # GroupViT has no mixed images: no term.
+    assert "mixed_multi_label" not in terms_and_grads(batch)[0]
