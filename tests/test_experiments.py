@@ -144,3 +144,9 @@ def test_diagnose_reads_patch_labels_and_reports_every_level(tmp_path):
     (tmp_path / "workdir" / "config.json").write_text(
         '{"data": {"synthetic_world": {"class_texture_prob": 1.0}}}')
     assert diagnose.training_world(str(tmp_path / "workdir")) == {"class_texture_prob": 1.0}
+
+
+def test_diagnose_reports_a_missing_model_in_one_line(tmp_path):
+    from mixreorg_jax.experiments import diagnose
+    with pytest.raises(SystemExit, match="^error: .*nothing"):
+        diagnose.run(str(tmp_path / "nothing"))

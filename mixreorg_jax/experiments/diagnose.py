@@ -105,13 +105,21 @@ def training_world(path: str) -> dict:
     return json.loads(config_file.read_text()).get("data", {}).get("synthetic_world", {})
 
 
+def run(path: str, world_overrides: str = "{}", num_images: int = 256) -> dict:
+    """The command line's result for the model at `path`; bad input exits with a one-line error."""
+    try:
+        model = mixreorg_jax.load(path)
+        world = synthetic.WorldConfig(**{**training_world(path), **json.loads(world_overrides),
+                                         "image_size": model.config.image_size})
+    except (ValueError, TypeError, FileNotFoundError) as e:  # JSONDecodeError is a ValueError
+        raise SystemExit(f"error: {e}") from None
+    return dict(model=path, **diagnose(model, world, num_images))
+
+
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    model = mixreorg_jax.load(FLAGS.model)
-    world = synthetic.WorldConfig(**{**training_world(FLAGS.model), **json.loads(FLAGS.world),
-                                     "image_size": model.config.image_size})
-    print(json.dumps(dict(model=FLAGS.model, **diagnose(model, world, FLAGS.num_images))))
+    print(json.dumps(run(FLAGS.model, FLAGS.world, FLAGS.num_images)))
 
 
 if __name__ == "__main__":
