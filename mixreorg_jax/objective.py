@@ -131,10 +131,10 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
     mixseg_text = config.loss.mixseg_text
     if mixseg_text not in ("caption", "prompts"):
         raise ValueError(f"loss.mixseg_text must be 'caption' or 'prompts', got {mixseg_text!r}")
-    segment_ml = config.loss.segment_multi_label or config.loss.segment_retrieval
+    needs_segments = bool(config.loss.segment_multi_label or config.loss.segment_retrieval)
     mixed_ml = plan is not None and config.loss.mixed_multi_label
-    if not (config.loss.multi_label or segment_ml or mixed_ml
-            or plan is not None and mixseg_text == "prompts"):
+    multi_label_terms = bool(config.loss.multi_label or needs_segments or mixed_ml)
+    if not (multi_label_terms or plan is not None and mixseg_text == "prompts"):
         prompts = prompts[:, :0]  # Not encoded: nothing reads them.
         p = 0
     texts = jnp.concatenate([tokens[:, None], prompts], axis=1).reshape(b * (1 + p), length)
@@ -142,7 +142,7 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
     out, updates = model.apply(
         {"params": params["model"], "batch_stats": batch_stats}, images, texts, plan,
         mix=config.mix, mix_fns=mix_fns, mixseg_assignment=config.loss.mixseg_assignment,
-        segments=bool(segment_ml), method=_forward, mutable=["batch_stats"],
+        segments=needs_segments, method=_forward, mutable=["batch_stats"],
         rngs={"gumbel": gumbel_rng, "dropout": dropout_rng})
 
     text = out["text"].reshape(b, 1 + p, -1)
@@ -150,7 +150,7 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
     log_scale = params["model"]["logit_scale"]
     terms = {"contrastive": losses.contrastive_loss(out["image"], caption_emb, log_scale)}
     prompt_ids = None
-    if config.loss.multi_label or segment_ml or mixed_ml:
+    if multi_label_terms:
         prompt_ids = _prompt_ids(batch, config.loss.multi_label_positives)
     if config.loss.multi_label:
         terms["multi_label"] = losses.multi_label_contrastive_loss(
@@ -168,8 +168,8 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
         if mixed_ml:
             # A mixed image shows its group's words: its prompts are the group members' (each
             # kept apart from other prompts by its position in the batch unless `same_word`).
-            own = jnp.arange(b * p, dtype=jnp.int32).reshape(b, p)
-            ids = own if prompt_ids is None else jnp.asarray(prompt_ids)
+            ids = (jnp.arange(b * p, dtype=jnp.int32).reshape(b, p) if prompt_ids is None
+                   else jnp.asarray(prompt_ids))
             k = plan.group_captions.shape[1]
             terms["mixed_multi_label"] = losses.multi_label_contrastive_loss(
                 out["mixed_segments"], prompt_emb[plan.group_captions].reshape(b, k * p, -1),

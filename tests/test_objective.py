@@ -27,24 +27,41 @@ def tiny_groupvit():
                                                                     np.random.default_rng(0))
 
 
+def tiny_mixreorg():
+    """`tiny_groupvit` with the tiny MixReorg config's mixing and loss settings."""
+    config, *rest = tiny_groupvit()
+    mixreorg_config = train_config.from_file(f"{REPO}/configs/mixreorg.py:tiny")
+    config.mix, config.loss = mixreorg_config.mix, mixreorg_config.loss
+    return config, *rest
+
+
+def loss_terms_and_grads(config, model, variables, params, batch):
+    """(loss terms, gradients w.r.t. params) of one jitted training loss."""
+    loss = lambda p: objective.loss_fn(p, variables["batch_stats"], batch, jax.random.key(1),
+                                       model=model, config=config)
+    (_, (terms, _)), grads = fast_jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return terms, grads
+
+
+def grouping_key_grad(grads):
+    """The gradient of the first grouping block's assignment key projection."""
+    return np.asarray(grads["model"]["vision"]["stages_0"]["grouping"]["assign"]["key"]["kernel"])
+
+
 def test_group_balance_term_is_added_only_when_weighted_and_reaches_the_grouping():
     config, model, variables, params, batch = tiny_groupvit()
 
     def terms_and_grads(weight):
         config.loss.group_balance = weight
-        loss = lambda p: objective.loss_fn(p, variables["batch_stats"], batch, jax.random.key(1),
-                                           model=model, config=config)
-        (_, (terms, _)), grads = fast_jit(jax.value_and_grad(loss, has_aux=True))(params)
-        return terms, grads
+        return loss_terms_and_grads(config, model, variables, params, batch)
 
     terms, _ = terms_and_grads(0.0)
     assert "group_balance" not in terms
     config.loss.contrastive = config.loss.multi_label = 0.0  # the balance term alone
     terms, grads = terms_and_grads(1.0)
     assert 0.0 < float(terms["group_balance"]) <= np.log(config.model.num_output_groups[0]) + 1e-5
-    vision, text = grads["model"]["vision"], grads["model"]["text"]
-    assert np.abs(np.asarray(vision["stages_0"]["grouping"]["assign"]["key"]["kernel"])).max() > 0
-    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(text))
+    assert np.abs(grouping_key_grad(grads)).max() > 0
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads["model"]["text"]))
 
 
 def test_multi_label_same_word_positives_use_the_batch_prompt_ids():
@@ -68,24 +85,19 @@ def test_multi_label_same_word_positives_use_the_batch_prompt_ids():
 
 
 def test_mixseg_soft_assignment_chains_the_soft_assignments():
-    config, model, variables, params, batch = tiny_groupvit()
-    mixreorg_config = train_config.from_file(f"{REPO}/configs/mixreorg.py:tiny")
-    config.mix, config.loss = mixreorg_config.mix, mixreorg_config.loss
+    config, model, variables, params, batch = tiny_mixreorg()
     config.loss.contrastive = config.loss.multi_label = config.loss.restore = 0.0
 
     def mixseg_and_grads(assignment):
         config.loss.mixseg_assignment = assignment
-        loss = lambda p: objective.loss_fn(p, variables["batch_stats"], batch, jax.random.key(1),
-                                           model=model, config=config)
-        (_, (terms, _)), grads = fast_jit(jax.value_and_grad(loss, has_aux=True))(params)
+        terms, grads = loss_terms_and_grads(config, model, variables, params, batch)
         return float(terms["mixseg"]), grads
 
     hard, hard_grads = mixseg_and_grads("hard")
     soft, soft_grads = mixseg_and_grads("soft")
     assert np.isfinite(soft) and abs(hard - soft) > 1e-4
     for grads in (hard_grads, soft_grads):
-        key = grads["model"]["vision"]["stages_0"]["grouping"]["assign"]["key"]["kernel"]
-        assert np.abs(np.asarray(key)).max() > 0
+        assert np.abs(grouping_key_grad(grads)).max() > 0
     with pytest.raises(ValueError, match="'hard' or 'soft'"):
         mixseg_and_grads("gumbel")
 
@@ -125,19 +137,14 @@ def test_multi_label_logit_scale_starts_at_the_models_initial_scale():
 @pytest.mark.parametrize("mix,term", [(False, "segment_multi_label"),
                                       (True, "segment_multi_label"), (False, "segment_retrieval")])
 def test_segment_terms_score_prompts_by_the_original_branchs_segments(mix, term):
-    config, model, variables, params, batch = tiny_groupvit()
+    config, model, variables, params, batch = tiny_mixreorg() if mix else tiny_groupvit()
     if mix:
-        mixreorg_config = train_config.from_file(f"{REPO}/configs/mixreorg.py:tiny")
-        config.mix, config.loss = mixreorg_config.mix, mixreorg_config.loss
         config.loss.restore = config.loss.mixseg = 0.0
     config.loss.contrastive = 0.0
 
     def terms_and_grads(weight):
         config.loss[term] = weight
-        loss = lambda p: objective.loss_fn(p, variables["batch_stats"], batch, jax.random.key(1),
-                                           model=model, config=config)
-        (_, (terms, _)), grads = fast_jit(jax.value_and_grad(loss, has_aux=True))(params)
-        return terms, grads
+        return loss_terms_and_grads(config, model, variables, params, batch)
 
     pooled, _ = terms_and_grads(0.0)
     assert term not in pooled
@@ -145,33 +152,26 @@ def test_segment_terms_score_prompts_by_the_original_branchs_segments(mix, term)
     terms, grads = terms_and_grads(1.0)
     assert np.isfinite(float(terms[term]))
     assert abs(float(terms[term]) - float(pooled["multi_label"])) > 1e-4
-    key = grads["model"]["vision"]["stages_0"]["grouping"]["assign"]["key"]["kernel"]
-    assert np.abs(np.asarray(key)).max() > 0
+    assert np.abs(grouping_key_grad(grads)).max() > 0
     assert np.abs(np.asarray(grads["multi_label_logit_scale"])) > 0
     token_embedding = grads["model"]["text"]["token_embedding"]["embedding"]
     assert np.abs(np.asarray(token_embedding)).max() > 0
 
 
 def test_mixed_multi_label_scores_the_mixed_segments_against_their_groups_prompts():
-    config, model, variables, params, batch = tiny_groupvit()
-    mixreorg_config = train_config.from_file(f"{REPO}/configs/mixreorg.py:tiny")
-    config.mix, config.loss = mixreorg_config.mix, mixreorg_config.loss
+    config, model, variables, params, batch = tiny_mixreorg()
     config.loss.update(contrastive=0.0, multi_label=0.0, restore=0.0, mixseg=0.0,
                        mixed_multi_label=1.0)
 
     def terms_and_grads(batch, positives="own"):
         config.loss.multi_label_positives = positives
-        loss = lambda p: objective.loss_fn(p, variables["batch_stats"], batch, jax.random.key(1),
-                                           model=model, config=config)
-        (_, (terms, _)), grads = fast_jit(jax.value_and_grad(loss, has_aux=True))(params)
-        return terms, grads
+        return loss_terms_and_grads(config, model, variables, params, batch)
 
     terms, grads = terms_and_grads(batch)
     assert "mixed_multi_label" in terms
     own = float(terms["mixed_multi_label"])
     assert np.isfinite(own)
-    key = grads["model"]["vision"]["stages_0"]["grouping"]["assign"]["key"]["kernel"]
-    assert np.abs(np.asarray(key)).max() > 0
+    assert np.abs(grouping_key_grad(grads)).max() > 0
     assert np.abs(np.asarray(grads["model"]["text"]["token_embedding"]["embedding"])).max() > 0
     # A prompt is a positive of both mixed images of its group, not a negative of its partner:
     # word ids that are all different give the same loss as "own", shared words a different one.
