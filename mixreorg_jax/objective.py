@@ -131,7 +131,8 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
     mixseg_text = config.loss.mixseg_text
     if mixseg_text not in ("caption", "prompts"):
         raise ValueError(f"loss.mixseg_text must be 'caption' or 'prompts', got {mixseg_text!r}")
-    needs_segments = bool(config.loss.segment_multi_label or config.loss.segment_retrieval)
+    needs_segments = bool(config.loss.segment_multi_label or config.loss.segment_retrieval
+                          or config.loss.unmatched_segments)
     mixed_ml = plan is not None and config.loss.mixed_multi_label
     multi_label_terms = bool(config.loss.multi_label or needs_segments or mixed_ml)
     if not (multi_label_terms or plan is not None and mixseg_text == "prompts"):
@@ -161,6 +162,9 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
     if config.loss.segment_retrieval:
         terms["segment_retrieval"] = losses.segment_retrieval_loss(
             out["segments"], prompt_emb, params["multi_label_logit_scale"], prompt_ids)
+    if config.loss.unmatched_segments:
+        terms["unmatched_segments"] = losses.unmatched_segment_loss(
+            out["segments"], prompt_emb, log_scale, prompt_ids)
     if config.loss.group_balance:
         terms["group_balance"] = losses.group_balance_loss(out["soft_assignments"])
     if plan is not None:

@@ -67,12 +67,14 @@ def base_config() -> ml_collections.ConfigDict:
     # segment_multi_label (ours): the multi-label loss with each image-prompt score taken from the
     # image's best-matching final segment instead of its pooled embedding; mixed_multi_label
     # (ours): the same on the mixed images' segments against all their group's prompts;
-    # segment_retrieval (ours): each prompt against all segments (losses.segment_retrieval_loss).
+    # segment_retrieval (ours): each prompt against all segments (losses.segment_retrieval_loss);
+    # unmatched_segments (ours): segments no prompt of their image picks match all prompts
+    # equally, the evaluation's background (losses.unmatched_segment_loss).
     c.loss = ml_collections.ConfigDict(dict(
         contrastive=1.0, multi_label=1.0, multi_label_positives="own", restore=1.0, mixseg=1.0,
         mixseg_negatives="group", mixseg_assignment="hard", mixseg_text="caption",
         group_balance=0.0, segment_multi_label=0.0, mixed_multi_label=0.0,
-        segment_retrieval=0.0))
+        segment_retrieval=0.0, unmatched_segments=0.0))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 

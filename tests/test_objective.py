@@ -158,6 +158,16 @@ def test_segment_terms_score_prompts_by_the_original_branchs_segments(mix, term)
     assert np.abs(np.asarray(token_embedding)).max() > 0
 
 
+def test_unmatched_segments_term_trains_segments_and_text_but_not_the_scale():
+    config, model, variables, params, batch = tiny_groupvit()
+    config.loss.update(contrastive=0.0, multi_label=0.0, unmatched_segments=1.0)
+    terms, grads = loss_terms_and_grads(config, model, variables, params, batch)
+    assert float(terms["unmatched_segments"]) > 0
+    assert np.abs(grouping_key_grad(grads)).max() > 0
+    assert np.abs(np.asarray(grads["model"]["text"]["token_embedding"]["embedding"])).max() > 0
+    assert float(grads["model"]["logit_scale"]) == 0
+
+
 def test_mixed_multi_label_scores_the_mixed_segments_against_their_groups_prompts():
     config, model, variables, params, batch = tiny_mixreorg()
     config.loss.update(contrastive=0.0, multi_label=0.0, restore=0.0, mixseg=0.0,
