@@ -24,14 +24,15 @@ def init_extra_params(log_scale: float) -> dict:
 
 
 def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix_fns,
-             mixseg_assignment: str = "hard", segments: bool = False):
+             mixseg_assignment: str = "hard", segments: bool = False, restored: bool = True):
     """Everything that touches parameters, in one `apply` so batch statistics update once.
 
     Returns the embeddings the losses need: original-branch image embeddings and soft
     assignments, caption and prompt embeddings and, for MixReorg, the restored-branch image
-    embeddings, the mixed branch's projected segments and its patch -> final-segment assignment
-    (`mixseg_assignment`: the chain of "hard" straight-through or of "soft" assignments) and,
-    with `segments`, the original branch's projected final segments.
+    embeddings (unless `restored` is off), the mixed branch's projected segments and its
+    patch -> final-segment assignment (`mixseg_assignment`: the chain of "hard" straight-through
+    or of "soft" assignments) and, with `segments`, the original branch's projected final
+    segments.
     """
     text = module.encode_text(texts, train=True)["embedding"]
     if plan is None:
@@ -40,7 +41,7 @@ def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix
                "soft_assignments": orig["soft_assignments"]}
     else:
         out = _mixreorg_forward(module, images, plan, mix=mix, mix_fns=mix_fns,
-                                mixseg_assignment=mixseg_assignment)
+                                mixseg_assignment=mixseg_assignment, restored=restored)
         orig = out.pop("original")
         out["text"] = text
     if segments:
@@ -49,27 +50,29 @@ def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix
     return out
 
 
-def _mixreorg_forward(module, images, plan, *, mix, mix_fns, mixseg_assignment):
-    """MixReorg's three image branches and what its losses read of them (`_forward`)."""
+def _mixreorg_forward(module, images, plan, *, mix, mix_fns, mixseg_assignment, restored):
+    """MixReorg's image branches and what its losses read of them (`_forward`)."""
     mix_fn, restore_fn = mix_fns
     branches = mixreorg.mixreorg_image_forward(
         module, images, plan, contextual_depth=mix.contextual_depth,
         progressive_weight=mix.progressive_weight, progressive_mode=mix.progressive_mode,
-        train=True, mix_fn=mix_fn, restore_fn=restore_fn)
-    orig, mixed, restored = branches["original"], branches["mixed"], branches["restored"]
+        train=True, mix_fn=mix_fn, restore_fn=restore_fn, restored=restored)
+    orig, mixed = branches["original"], branches["mixed"]
     # Each branch is normalised with its own batch statistics; only the original branch moves
     # the running averages used at evaluation.
-    return {
+    out = {
         "original": orig,
         "image": module.project_image(orig["pooled"], train=True),
         "soft_assignments": orig["soft_assignments"],
-        "restored_image": module.project_image(restored["pooled"], train=True,
-                                               update_stats=False),
         "mixed_segments": module.project_segments(mixed["segments"], train=True,
                                                   stats_from=mixed["pooled"]),
         "mixed_assignment": segmentation.chain_assignments(
             mixed[f"{mixseg_assignment}_assignments"]),
     }
+    if restored:
+        out["restored_image"] = module.project_image(branches["restored"]["pooled"], train=True,
+                                                     update_stats=False)
+    return out
 
 
 def _prompt_ids(batch, positives: str):
@@ -143,7 +146,8 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
     out, updates = model.apply(
         {"params": params["model"], "batch_stats": batch_stats}, images, texts, plan,
         mix=config.mix, mix_fns=mix_fns, mixseg_assignment=config.loss.mixseg_assignment,
-        segments=needs_segments, method=_forward, mutable=["batch_stats"],
+        segments=needs_segments, restored=bool(config.loss.restore), method=_forward,
+        mutable=["batch_stats"],
         rngs={"gumbel": gumbel_rng, "dropout": dropout_rng})
 
     text = out["text"].reshape(b, 1 + p, -1)
@@ -168,7 +172,9 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
     if config.loss.group_balance:
         terms["group_balance"] = losses.group_balance_loss(out["soft_assignments"])
     if plan is not None:
-        terms["restore"] = losses.contrastive_loss(out["restored_image"], caption_emb, log_scale)
+        if config.loss.restore:  # At weight 0 the restored branch is not even run.
+            terms["restore"] = losses.contrastive_loss(out["restored_image"], caption_emb,
+                                                       log_scale)
         if mixed_ml:
             # A mixed image shows its group's words: its prompts are the group members' (each
             # kept apart from other prompts by its position in the batch unless `same_word`).

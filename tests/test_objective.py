@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from mixreorg_jax import benchmark, objective, train_config, train_step
-from mixreorg_jax.models import groupvit
+from mixreorg_jax.models import groupvit, mixreorg
+from mixreorg_jax.ops import mixing
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
@@ -111,6 +112,25 @@ def test_mixseg_soft_assignment_chains_the_soft_assignments():
     config.loss.mixseg_text = "nouns"
     with pytest.raises(ValueError, match="'caption' or 'prompts'"):
         mixseg_and_grads("soft")
+
+
+def test_restore_weight_zero_skips_the_restored_branch():
+    config, model, variables, params, batch = tiny_mixreorg()
+    image = batch["image"]
+    grid = image.shape[1] // config.model.patch_size
+    plan = mixing.mixing_plan(jax.random.key(2), image.shape[0], (grid, grid),
+                              config.mix.group_size)
+    forward = lambda restored: fast_jit(lambda v: model.apply(
+        v, image, plan, train=False, restored=restored,
+        method=mixreorg.mixreorg_image_forward))(variables)
+    three, two = forward(True), forward(False)
+    assert set(three) == {"original", "mixed", "restored"} and set(two) == {"original", "mixed"}
+    for branch in two:
+        np.testing.assert_allclose(two[branch]["segments"], three[branch]["segments"],
+                                   rtol=1e-4, atol=1e-5)
+    config.loss.restore = 0.0
+    terms, _ = loss_terms_and_grads(config, model, variables, params, batch)
+    assert "restore" not in terms and {"contrastive", "mixseg"} <= set(terms)
 
 
 def test_word_text_averages_the_word_prompts_only():

@@ -27,6 +27,7 @@ def mixreorg_image_forward(
         train: bool = True,
         mix_fn: Callable = mixing.mix_tokens,
         restore_fn: Callable = mixing.restore_tokens,
+        restored: bool = True,
 ) -> dict[str, dict]:
     """Runs the original, mixed and restored branches of the image encoder.
 
@@ -41,6 +42,8 @@ def mixreorg_image_forward(
         train: training mode (gumbel assignment, drop-path, batch statistics).
         mix_fn, restore_fn: `(tokens[B, N, C], plan) -> [B, N, C]`; the trainer passes the
             per-device `jax.shard_map` versions when the batch is sharded.
+        restored: whether to run the restored branch (its grouping stages cost a third of the
+            grouped tokens); off, e.g. when its loss has weight 0, the result has no "restored".
 
     Returns:
         {"original", "mixed", "restored"}: each the dict of `VisionEncoder.group`
@@ -71,9 +74,12 @@ def mixreorg_image_forward(
 
     x_orig, x_mixed = x[:batch], x[batch:]
     g_orig, g_mixed = g[:batch], g[batch:]
-    x_restored = restore_fn(x_mixed, plan)
-    out = vision.group(jnp.concatenate([x_orig, x_mixed, x_restored]),
-                       jnp.concatenate([g_orig, g_mixed, g_orig]), train=train)
+    names, xs, gs = ["original", "mixed"], [x_orig, x_mixed], [g_orig, g_mixed]
+    if restored:
+        names.append("restored")
+        xs.append(restore_fn(x_mixed, plan))
+        gs.append(g_orig)
+    out = vision.group(jnp.concatenate(xs), jnp.concatenate(gs), train=train)
     return {name: jax.tree.map(lambda a, i=i: a[i * batch:(i + 1) * batch], out)
-            for i, name in enumerate(("original", "mixed", "restored"))}
+            for i, name in enumerate(names)}
 
