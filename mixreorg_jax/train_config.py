@@ -136,7 +136,9 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         # other's mirror image (a flipped triangle wears the star's).
         c.data.augment.update(dict(crop_scale=(0.6, 1.0), flip=False, randaugment=False,
                                    random_erasing=0.0))
-        c.total_steps, c.warmup_steps = 400, 40
+        # 1200 steps: the quick start takes about 7 minutes on 2 CPU cores
+        # (docs/synthetic_learnability.md §10); at 400 neither model knows the class names (§7).
+        c.total_steps, c.warmup_steps = 1200, 40
         c.optim.lr, c.optim.min_lr, c.optim.warmup_lr = 1e-3, 1e-5, 1e-6
         c.optim.scale_lr_by_batch = False
         # Ours, for a world of 8 class nouns (docs/synthetic_learnability.md §4-5): every prompt
