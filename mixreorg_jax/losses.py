@@ -141,6 +141,13 @@ def multi_label_contrastive_loss(image_emb, prompt_emb, log_scale, prompt_ids=No
   return 0.5 * (image_side.mean() + text_side.mean())
 
 
+def _check_segments_and_prompts(loss_name, segment_emb, prompt_emb):
+  if (segment_emb.ndim != 3 or prompt_emb.ndim != 3 or prompt_emb.shape[0] != segment_emb.shape[0]
+      or prompt_emb.shape[2] != segment_emb.shape[2]):
+    raise ValueError(f"{loss_name} wants segment_emb [B, S, D] and prompt_emb [B, P, D], got "
+                     f"{segment_emb.shape} and {prompt_emb.shape}.")
+
+
 def segment_retrieval_loss(segment_emb, prompt_emb, log_scale, prompt_ids=None):
   """Each prompt retrieves its images' best-matching segments among all segments (ours).
 
@@ -162,10 +169,7 @@ def segment_retrieval_loss(segment_emb, prompt_emb, log_scale, prompt_ids=None):
   Returns:
     [] float32 cross-entropy averaged over the B*P prompts.
   """
-  if (segment_emb.ndim != 3 or prompt_emb.ndim != 3 or prompt_emb.shape[0] != segment_emb.shape[0]
-      or prompt_emb.shape[2] != segment_emb.shape[2]):
-    raise ValueError("segment_retrieval_loss wants segment_emb [B, S, D] and prompt_emb "
-                     f"[B, P, D], got {segment_emb.shape} and {prompt_emb.shape}.")
+  _check_segments_and_prompts("segment_retrieval_loss", segment_emb, prompt_emb)
   batch, num_segments, _ = segment_emb.shape
   num_prompts = prompt_emb.shape[1]
   # [B captions, P prompts, B images, S segments]
@@ -203,20 +207,18 @@ def unmatched_segment_loss(segment_emb, prompt_emb, log_scale, prompt_ids=None):
   Returns:
     [] float32 KL divergence averaged over the unmatched segments (0 if there are none).
   """
-  if (segment_emb.ndim != 3 or prompt_emb.ndim != 3 or prompt_emb.shape[0] != segment_emb.shape[0]
-      or prompt_emb.shape[2] != segment_emb.shape[2]):
-    raise ValueError("unmatched_segment_loss wants segment_emb [B, S, D] and prompt_emb "
-                     f"[B, P, D], got {segment_emb.shape} and {prompt_emb.shape}.")
+  _check_segments_and_prompts("unmatched_segment_loss", segment_emb, prompt_emb)
   segment_emb = segment_emb.astype(jnp.float32)
   prompt_emb = prompt_emb.astype(jnp.float32)
   batch, num_segments, _ = segment_emb.shape
   words = (jnp.ones(prompt_emb.shape[:2], bool) if prompt_ids is None
            else jnp.asarray(prompt_ids) >= 0)
-  own = jnp.einsum("ipd,isd->ips", prompt_emb, segment_emb, precision=_HIGHEST)
-  picked = jax.nn.one_hot(jnp.argmax(jax.lax.stop_gradient(own), axis=-1), num_segments)
+  # [B images, S segments, B captions, P prompts]
+  sims = jnp.einsum("isd,cpd->iscp", segment_emb, prompt_emb, precision=_HIGHEST)
+  own = sims[jnp.arange(batch), :, jnp.arange(batch)]  # [B, S, P]: each image's own prompts
+  picked = jax.nn.one_hot(jnp.argmax(jax.lax.stop_gradient(own), axis=1), num_segments)
   unmatched = 1.0 - (picked * words[..., None]).max(axis=1)  # [B, S]
-  scale = jax.lax.stop_gradient(logit_scale(log_scale))
-  logits = jnp.einsum("isd,cpd->iscp", segment_emb, prompt_emb, precision=_HIGHEST) * scale
+  logits = sims * jax.lax.stop_gradient(logit_scale(log_scale))
   valid = words.reshape(-1)
   num_valid = valid.sum()
   # A large finite mask, not -inf: a batch without any word prompt stays NaN-free (loss 0).
