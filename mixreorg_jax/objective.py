@@ -5,7 +5,8 @@ off it is plain GroupViT training (image-text contrastive + multi-label loss), w
 MixReorg objective of method.md §4 (adds the restoration and mixed-segmentation losses).
 
 Parameters are `{"model": <GroupViT params>, "multi_label_logit_scale": <0-d>}`: the multi-label
-loss has its own learned temperature, which is part of training, not of the exported model.
+loss has its own learned temperature (unless `loss.share_temperature`), which is part of training,
+not of the exported model.
 """
 import jax
 import jax.numpy as jnp
@@ -154,18 +155,20 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
     caption_emb, prompt_emb = text[:, 0], text[:, 1:]
     log_scale = params["model"]["logit_scale"]
     terms = {"contrastive": losses.contrastive_loss(out["image"], caption_emb, log_scale)}
+    # GroupViT's `share_temperature`: the multi-label terms on the image-text (evaluation's) scale.
+    ml_scale = log_scale if config.loss.share_temperature else params["multi_label_logit_scale"]
     prompt_ids = None
     if multi_label_terms:
         prompt_ids = _prompt_ids(batch, config.loss.multi_label_positives)
     if config.loss.multi_label:
         terms["multi_label"] = losses.multi_label_contrastive_loss(
-            out["image"], prompt_emb, params["multi_label_logit_scale"], prompt_ids)
+            out["image"], prompt_emb, ml_scale, prompt_ids)
     if config.loss.segment_multi_label:
         terms["segment_multi_label"] = losses.multi_label_contrastive_loss(
-            out["segments"], prompt_emb, params["multi_label_logit_scale"], prompt_ids)
+            out["segments"], prompt_emb, ml_scale, prompt_ids)
     if config.loss.segment_retrieval:
         terms["segment_retrieval"] = losses.segment_retrieval_loss(
-            out["segments"], prompt_emb, params["multi_label_logit_scale"], prompt_ids)
+            out["segments"], prompt_emb, ml_scale, prompt_ids)
     if config.loss.unmatched_segments:
         terms["unmatched_segments"] = losses.unmatched_segment_loss(
             out["segments"], prompt_emb, log_scale, prompt_ids)
@@ -183,7 +186,7 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
             k = plan.group_captions.shape[1]
             terms["mixed_multi_label"] = losses.multi_label_contrastive_loss(
                 out["mixed_segments"], prompt_emb[plan.group_captions].reshape(b, k * p, -1),
-                params["multi_label_logit_scale"], ids[plan.group_captions].reshape(b, k * p))
+                ml_scale, ids[plan.group_captions].reshape(b, k * p))
         mixseg_emb = caption_emb if mixseg_text == "caption" else _word_text(batch, prompt_emb)
         terms["mixseg"] = losses.mixed_segmentation_loss(
             out["mixed_assignment"], out["mixed_segments"], mixseg_emb, plan.source, log_scale,

@@ -69,12 +69,14 @@ def base_config() -> ml_collections.ConfigDict:
     # (ours): the same on the mixed images' segments against all their group's prompts;
     # segment_retrieval (ours): each prompt against all segments (losses.segment_retrieval_loss);
     # unmatched_segments (ours): segments no prompt of their image picks match all prompts
-    # equally, the evaluation's background (losses.unmatched_segment_loss).
+    # equally, the evaluation's background (losses.unmatched_segment_loss). share_temperature
+    # (GroupViT's option): the multi-label terms use the image-text logit scale, the evaluation's,
+    # instead of their own.
     c.loss = ml_collections.ConfigDict(dict(
         contrastive=1.0, multi_label=1.0, multi_label_positives="own", restore=1.0, mixseg=1.0,
         mixseg_negatives="group", mixseg_assignment="hard", mixseg_text="caption",
         group_balance=0.0, segment_multi_label=0.0, mixed_multi_label=0.0,
-        segment_retrieval=0.0, unmatched_segments=0.0))
+        segment_retrieval=0.0, unmatched_segments=0.0, share_temperature=False))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 

@@ -188,6 +188,20 @@ def test_unmatched_segments_term_trains_segments_and_text_but_not_the_scale():
     assert float(grads["model"]["logit_scale"]) == 0
 
 
+def test_share_temperature_puts_the_multi_label_terms_on_the_image_text_scale():
+    config, model, variables, params, batch = tiny_groupvit()
+    config.loss.update(contrastive=0.0, segment_multi_label=1.0)
+    own, own_grads = loss_terms_and_grads(config, model, variables, params, batch)
+    assert float(own_grads["model"]["logit_scale"]) == 0
+    config.loss.share_temperature = True
+    params = {**params, "multi_label_logit_scale": params["multi_label_logit_scale"] + 1.0}
+    shared, grads = loss_terms_and_grads(config, model, variables, params, batch)
+    for term in ("multi_label", "segment_multi_label"):  # the other scale is not read
+        np.testing.assert_allclose(shared[term], own[term], rtol=1e-5)
+    assert float(grads["multi_label_logit_scale"]) == 0
+    assert float(grads["model"]["logit_scale"]) != 0
+
+
 def test_mixed_multi_label_scores_the_mixed_segments_against_their_groups_prompts():
     config, model, variables, params, batch = tiny_mixreorg()
     config.loss.update(contrastive=0.0, multi_label=0.0, restore=0.0, mixseg=0.0,
