@@ -20,6 +20,6 @@ def get_config(arg=None):
     c.mix.contextual_depth = 1
     c.mix.progressive_weight = 1.0
     c.mix.progressive_mode = "add"
-    c.loss.update(dict(contrastive=1.0, multi_label=1.0, restore=1.0, mixseg=1.0,
-                       mixseg_negatives="group"))
+    # The loss weights are the base config's (method.md §4: every term at 1.0, the mixed images
+    # against their group's captions), which the demo variant changes.
     return c

@@ -148,6 +148,10 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         # grouping is kept from collapsing.
         c.data.prompt_templates = "photo"
         c.loss.update(dict(multi_label_positives="same_word", group_balance=1.0))
+        # Ours (§9-11): the caption's words score the image's segments, not its pooled
+        # embedding, on the evaluation's logit scale; no caption-contrastive terms.
+        c.loss.update(dict(contrastive=0.0, restore=0.0, segment_multi_label=1.0,
+                           segment_retrieval=1.0, share_temperature=True))
         c.log_every_steps = 20
         c.checkpoint.every_steps = 200
     elif variant == "tiny":
