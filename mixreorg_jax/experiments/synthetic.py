@@ -40,6 +40,8 @@ RUNS = {
     "mixseg_batch_negatives": ("mixreorg", {"loss.mixseg_negatives": "batch"}),
     "mixseg_soft_assignment": ("mixreorg", {"loss.mixseg_assignment": "soft"}),
 }
+# Loss terms plotted against the step; the caption-contrastive one is logged also at weight 0.
+CURVE_TERMS = ("contrastive", "segment_multi_label", "mixseg")
 ABLATIONS = tuple(name for name in RUNS if name not in ("groupvit", "mixreorg"))
 
 flags.DEFINE_string("output_dir", "docs/synthetic_benchmark", "Results, table and plots go here.")
@@ -116,7 +118,7 @@ def run_one(name: str, seed: int, extra: dict, root: pathlib.Path, synthetic_dir
         steps=config.total_steps, train_seconds=train_seconds,
         steps_per_second=steady_steps_per_second(metrics, config.data.batch_size),
         curves=[{k: v for k, v in m.items()
-                 if k in ("step", "contrastive", "multi_label", "restore", "mixseg", "total")}
+                 if k in ("step", "total", *CURVE_TERMS, "multi_label", "restore")}
                 for m in metrics])
 
 
@@ -163,7 +165,7 @@ def plot(summaries: list[dict], output_dir: pathlib.Path):
     fig.tight_layout()
     fig.savefig(output_dir / "miou.png", dpi=100)
 
-    terms = ("contrastive", "mixseg")
+    terms = CURVE_TERMS
     fig = Figure(figsize=(5 * len(terms), 3.5))
     axes = fig.subplots(1, len(terms))
     for ax, term in zip(axes, terms):
