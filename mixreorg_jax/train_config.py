@@ -138,7 +138,7 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         # other's mirror image (a flipped triangle wears the star's).
         c.data.augment.update(dict(crop_scale=(0.6, 1.0), flip=False, randaugment=False,
                                    random_erasing=0.0))
-        # 1200 steps: the quick start takes about 7 minutes on 2 CPU cores
+        # 1200 steps: the quick start takes 6-7 minutes on 2 CPU cores
         # (docs/synthetic_learnability.md §10); at 400 neither model knows the class names (§7).
         c.total_steps, c.warmup_steps = 1200, 40
         c.optim.lr, c.optim.min_lr, c.optim.warmup_lr = 1e-3, 1e-5, 1e-6
@@ -148,8 +148,8 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         # grouping is kept from collapsing.
         c.data.prompt_templates = "photo"
         c.loss.update(dict(multi_label_positives="same_word", group_balance=1.0))
-        # Ours (§9-11): the caption's words score the image's segments, not its pooled
-        # embedding, on the evaluation's logit scale; no caption-contrastive terms.
+        # Ours (§9-11): the caption's words also score the image's segments, all on the
+        # evaluation's logit scale; no caption-contrastive terms (so no restoration loss).
         c.loss.update(dict(contrastive=0.0, restore=0.0, segment_multi_label=1.0,
                            segment_retrieval=1.0, share_temperature=True))
         c.log_every_steps = 20
