@@ -147,6 +147,32 @@ def test_diagnose_reads_patch_labels_and_reports_every_level(tmp_path):
     assert diagnose.training_world(str(tmp_path / "workdir")) == {"class_texture_prob": 1.0}
 
 
+def test_diagnose_mixing_scores_the_mixed_segments_by_source(tmp_path):
+    import mixreorg_jax
+    from mixreorg_jax import checkpoint_io
+    from mixreorg_jax.data import synthetic as world_lib
+    from mixreorg_jax.experiments import diagnose
+    from mixreorg_jax.models import groupvit, presets
+    # Segment 0 holds one patch of each source, segment 1 two of source 0; image 2: one segment.
+    owner = np.array([[0, 0, 1, 1], [5, 5, 5, 5]])
+    source = np.array([[0, 1, 0, 0], [1, 1, 1, 0]])
+    assert diagnose.majority_share(owner, source) == [0.5, 1.0, 0.75]
+
+    config = presets.get_model_config("tiny")
+    checkpoint_io.save_model(str(tmp_path / "model"),
+                             groupvit.init_variables(config, jax.random.key(0)), config)
+    model = mixreorg_jax.load(str(tmp_path / "model"))
+    world = world_lib.WorldConfig(image_size=config.image_size)
+    for mix in (diagnose.MIX_DEFAULTS, {**diagnose.MIX_DEFAULTS, "group_size": 4,
+                                         "block_size": 2, "contextual_depth": 0}):
+        got = diagnose.diagnose_mixing(model, world, mix, num_images=10)
+        k = mix["group_size"]
+        for key in ("mixed_segment_source_purity", "shuffled_source_purity"):
+            assert 1 / k <= got[key] <= 1, (key, got)
+        for key in ("mixed_patch_accuracy_object", "mixed_patch_accuracy_background"):
+            assert 0 <= got[key] <= 1, (key, got)
+
+
 def test_diagnose_reports_a_missing_model_in_one_line(tmp_path):
     from mixreorg_jax.experiments import diagnose
     with pytest.raises(SystemExit, match="^error: .*nothing"):

@@ -1,6 +1,7 @@
 r"""Where does a trained model's zero-shot segmentation fail? Text, image or segment level.
 
-  python -m mixreorg_jax.experiments.diagnose --model=WORKDIR [--world='{"max_objects": 2}']
+  python -m mixreorg_jax.experiments.diagnose --model=WORKDIR [--world='{"max_objects": 2}'] \
+      [--mixing]
 
 Runs the model (evaluation mode, as the eval binary does) on freshly generated synthetic-world
 test images (the world a training workdir's config.json trained on, with `--world`'s changes;
@@ -22,6 +23,21 @@ and prints one JSON line:
 
 A model that has learnt the classes at the image level but not at the segment level scores high
 on the second and low on the third.
+
+With `--mixing`, also MixReorg's mixed branch (evaluation mode, one mixing plan of the
+workdir's `mix` settings, method.md §4's defaults for a model without them):
+
+  mixed_segment_source_purity
+                        for each final segment of a mixed image, the share of its patches that
+                        came from its most common source image, averaged over segments
+  shuffled_source_purity
+                        the same segments scored against another, independent plan's sources:
+                        what a grouping that ignores where its patches came from gets
+  mixed_patch_accuracy_object, mixed_patch_accuracy_background
+                        of the object (background) patches of mixed images whose sources differ
+                        in classes, the fraction whose segment matches their own source best
+                        among the group's sources (each scored by the mean of its class prompts),
+                        the task of the mixed-segmentation loss with `loss.mixseg_text=prompts`
 """
 import json
 
@@ -33,7 +49,12 @@ from etils import epath
 
 import mixreorg_jax
 from mixreorg_jax.data import synthetic
-from mixreorg_jax.ops import segmentation
+from mixreorg_jax.models import mixreorg
+from mixreorg_jax.ops import mixing, segmentation
+
+# method.md §4's defaults, for a model whose workdir does not say how it mixed.
+MIX_DEFAULTS = dict(group_size=2, block_size=1, contextual_depth=1, progressive_weight=1.0,
+                    progressive_mode="add")
 
 
 def define_flags():
@@ -43,6 +64,7 @@ def define_flags():
     flags.DEFINE_string("world", "{}", "JSON overrides of the world the model trained on "
                         "(image_size follows the model).")
     flags.DEFINE_integer("num_images", 256, "Test images to generate.")
+    flags.DEFINE_bool("mixing", False, "Also measure the mixed branch (module docstring).")
 
 
 def _images_and_patch_labels(world: synthetic.WorldConfig, num_images: int, patch: int):
@@ -97,15 +119,73 @@ def diagnose(model: "mixreorg_jax.Model", world: synthetic.WorldConfig,
         num_images=num_images)
 
 
+def majority_share(owner, source) -> list[float]:
+    """For each segment of each image, the share of its patches from its most common source.
+
+    owner, source: int[M, N], each patch's segment and its source's in-group index."""
+    shares = []
+    for segment_of, source_of in zip(owner, source):
+        for g in np.unique(segment_of):
+            shares.append(np.bincount(source_of[segment_of == g]).max() / np.sum(segment_of == g))
+    return shares
+
+
+def diagnose_mixing(model: "mixreorg_jax.Model", world: synthetic.WorldConfig, mix: dict,
+                    num_images: int = 256) -> dict:
+    """The `--mixing` numbers of the module docstring; `mix` as the train config's `mix`."""
+    k = mix["group_size"]
+    num_images -= num_images % k
+    images, present, patch_labels = _images_and_patch_labels(world, num_images,
+                                                             model.config.patch_size)
+    grid = (world.image_size // model.config.patch_size,) * 2
+    plan, other = (mixing.mixing_plan(jax.random.key(i), num_images, grid, k, mix["block_size"])
+                   for i in (0, 1))
+
+    def mixed_segments(module, x):
+        mixed = mixreorg.mixreorg_image_forward(
+            module, x, plan, contextual_depth=mix["contextual_depth"],
+            progressive_weight=mix["progressive_weight"],
+            progressive_mode=mix["progressive_mode"], train=False, restored=False)["mixed"]
+        return (module.project_segments(mixed["segments"]),
+                segmentation.chain_assignments(mixed["hard_assignments"]))
+
+    segments, assignment = jax.jit(lambda v, x: model.module.apply(v, x, method=mixed_segments))(
+        model.variables, jnp.asarray(images))
+    owner = np.asarray(assignment).argmax(-1)  # [B, N]
+    start = (np.arange(num_images) // k * k)[:, None]
+    source, other_source = np.asarray(plan.source), np.asarray(other.source)
+
+    names = synthetic.class_names(world)[1:]
+    text = np.asarray(model.encode_text([f"a photo of a {n}." for n in names]))
+    sources_text = np.stack([text[sorted(c - 1 for c in p)].mean(0) for p in present])
+    sources_text /= np.linalg.norm(sources_text, axis=1, keepdims=True)
+    # [B, N]: the in-group source whose classes each patch's segment matches best.
+    segment_source = np.einsum("bgd,bkd->bgk", np.asarray(segments),
+                               sources_text.reshape(-1, k, text.shape[1]).repeat(k, axis=0))
+    predicted = np.take_along_axis(segment_source.argmax(-1), owner, axis=1)
+    right = predicted == source - start
+    is_object = patch_labels[source, np.arange(source.shape[1])] > 0
+    distinct = np.array([len({frozenset(present[j]) for j in range(b - b % k, b - b % k + k)})
+                         == k for b in range(num_images)])[:, None]
+    return dict(
+        mixed_segment_source_purity=float(np.mean(majority_share(owner, source - start))),
+        shuffled_source_purity=float(np.mean(majority_share(owner, other_source - start))),
+        mixed_patch_accuracy_object=float(right[distinct & is_object].mean()),
+        mixed_patch_accuracy_background=float(right[distinct & ~is_object].mean()))
+
+
+def _training_config(path: str) -> dict:
+    config_file = epath.Path(path).expanduser() / "config.json"
+    return json.loads(config_file.read_text()) if config_file.exists() else {}
+
+
 def training_world(path: str) -> dict:
     """The synthetic world settings a training workdir's config.json trained on, else {}."""
-    config_file = epath.Path(path).expanduser() / "config.json"
-    if not config_file.exists():
-        return {}
-    return json.loads(config_file.read_text()).get("data", {}).get("synthetic_world", {})
+    return _training_config(path).get("data", {}).get("synthetic_world", {})
 
 
-def run(path: str, world_overrides: str = "{}", num_images: int = 256) -> dict:
+def run(path: str, world_overrides: str = "{}", num_images: int = 256,
+        with_mixing: bool = False) -> dict:
     """The command line's result for the model at `path`; bad input exits with a one-line error."""
     try:
         model = mixreorg_jax.load(path)
@@ -113,13 +193,18 @@ def run(path: str, world_overrides: str = "{}", num_images: int = 256) -> dict:
                                          "image_size": model.config.image_size})
     except (ValueError, TypeError, FileNotFoundError) as e:  # JSONDecodeError is a ValueError
         raise SystemExit(f"error: {e}") from None
-    return dict(model=path, **diagnose(model, world, num_images))
+    result = dict(model=path, **diagnose(model, world, num_images))
+    if with_mixing:
+        mix = {key: _training_config(path).get("mix", {}).get(key, value)
+               for key, value in MIX_DEFAULTS.items()}
+        result.update(diagnose_mixing(model, world, mix, num_images))
+    return result
 
 
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    print(json.dumps(run(FLAGS.model, FLAGS.world, FLAGS.num_images)))
+    print(json.dumps(run(FLAGS.model, FLAGS.world, FLAGS.num_images, FLAGS.mixing)))
 
 
 if __name__ == "__main__":
