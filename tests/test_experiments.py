@@ -171,6 +171,8 @@ def test_diagnose_mixing_scores_the_mixed_segments_by_source(tmp_path):
             assert 1 / k <= got[key] <= 1, (key, got)
         for key in ("mixed_patch_accuracy_object", "mixed_patch_accuracy_background"):
             assert 0 <= got[key] <= 1, (key, got)
+    with pytest.raises(ValueError, match="block_size 3 does not divide"):
+        diagnose.diagnose_mixing(model, world, {**diagnose.MIX_DEFAULTS, "block_size": 3}, 4)
 
 
 def test_diagnose_reports_a_missing_model_in_one_line(tmp_path):

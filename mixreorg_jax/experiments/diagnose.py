@@ -135,6 +135,8 @@ def diagnose_mixing(model: "mixreorg_jax.Model", world: synthetic.WorldConfig, m
     """The `--mixing` numbers of the module docstring; `mix` as the train config's `mix`."""
     k = mix["group_size"]
     num_images -= num_images % k
+    if num_images < k:
+        raise ValueError(f"--mixing needs at least one group of {k} images, got {num_images}")
     images, present, patch_labels = _images_and_patch_labels(world, num_images,
                                                              model.config.patch_size)
     grid = (world.image_size // model.config.patch_size,) * 2
@@ -195,9 +197,12 @@ def run(path: str, world_overrides: str = "{}", num_images: int = 256,
         raise SystemExit(f"error: {e}") from None
     result = dict(model=path, **diagnose(model, world, num_images))
     if with_mixing:
-        mix = {key: _training_config(path).get("mix", {}).get(key, value)
-               for key, value in MIX_DEFAULTS.items()}
-        result.update(diagnose_mixing(model, world, mix, num_images))
+        trained_mix = _training_config(path).get("mix", {})
+        mix = {key: trained_mix.get(key, value) for key, value in MIX_DEFAULTS.items()}
+        try:
+            result.update(diagnose_mixing(model, world, mix, num_images))
+        except ValueError as e:  # e.g. a block size that does not divide the patch grid
+            raise SystemExit(f"error: {e}") from None
     return result
 
 
