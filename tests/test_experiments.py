@@ -149,7 +149,7 @@ def test_diagnose_reads_patch_labels_and_reports_every_level(tmp_path):
 
 def test_diagnose_mixing_scores_the_mixed_segments_by_source(tmp_path):
     import mixreorg_jax
-    from mixreorg_jax import checkpoint_io
+    from mixreorg_jax import checkpoint_io, train_config
     from mixreorg_jax.data import synthetic as world_lib
     from mixreorg_jax.experiments import diagnose
     from mixreorg_jax.models import groupvit, presets
@@ -163,8 +163,8 @@ def test_diagnose_mixing_scores_the_mixed_segments_by_source(tmp_path):
                              groupvit.init_variables(config, jax.random.key(0)), config)
     model = mixreorg_jax.load(str(tmp_path / "model"))
     world = world_lib.WorldConfig(image_size=config.image_size)
-    for mix in (diagnose.MIX_DEFAULTS, {**diagnose.MIX_DEFAULTS, "group_size": 4,
-                                         "block_size": 2, "contextual_depth": 0}):
+    defaults = train_config.base_config().mix.to_dict()
+    for mix in (defaults, {**defaults, "group_size": 4, "block_size": 2, "contextual_depth": 0}):
         got = diagnose.diagnose_mixing(model, world, mix, num_images=10)
         k = mix["group_size"]
         for key in ("mixed_segment_source_purity", "shuffled_source_purity"):
@@ -172,7 +172,7 @@ def test_diagnose_mixing_scores_the_mixed_segments_by_source(tmp_path):
         for key in ("mixed_patch_accuracy_object", "mixed_patch_accuracy_background"):
             assert 0 <= got[key] <= 1, (key, got)
     with pytest.raises(ValueError, match="block_size 3 does not divide"):
-        diagnose.diagnose_mixing(model, world, {**diagnose.MIX_DEFAULTS, "block_size": 3}, 4)
+        diagnose.diagnose_mixing(model, world, {**defaults, "block_size": 3}, 4)
 
 
 def test_diagnose_reports_a_missing_model_in_one_line(tmp_path):

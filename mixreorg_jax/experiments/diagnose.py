@@ -25,7 +25,7 @@ A model that has learnt the classes at the image level but not at the segment le
 on the second and low on the third.
 
 With `--mixing`, also MixReorg's mixed branch (evaluation mode, one mixing plan of the
-workdir's `mix` settings, method.md §4's defaults for a model without them):
+workdir's `mix` settings, the base config's (method.md §4) for a model without them):
 
   mixed_segment_source_purity
                         for each final segment of a mixed image, the share of its patches that
@@ -48,13 +48,10 @@ from absl import app, flags
 from etils import epath
 
 import mixreorg_jax
+from mixreorg_jax import train_config
 from mixreorg_jax.data import synthetic
 from mixreorg_jax.models import mixreorg
 from mixreorg_jax.ops import mixing, segmentation
-
-# method.md §4's defaults, for a model whose workdir does not say how it mixed.
-MIX_DEFAULTS = dict(group_size=2, block_size=1, contextual_depth=1, progressive_weight=1.0,
-                    progressive_mode="add")
 
 
 def define_flags():
@@ -84,10 +81,9 @@ def _images_and_patch_labels(world: synthetic.WorldConfig, num_images: int, patc
 def diagnose(model: "mixreorg_jax.Model", world: synthetic.WorldConfig,
              num_images: int = 256) -> dict:
     """The numbers of the module docstring for `model` on `world`'s test split."""
-    names = synthetic.class_names(world)[1:]
-    text = np.asarray(model.encode_text([f"a photo of a {n}." for n in names]))
+    text = _class_prompts(model, world)
     cosine = text @ text.T
-    off_diagonal = cosine[~np.eye(len(names), dtype=bool)]
+    off_diagonal = cosine[~np.eye(len(text), dtype=bool)]
 
     images, present, patch_labels = _images_and_patch_labels(world, num_images,
                                                              model.config.patch_size)
@@ -119,6 +115,12 @@ def diagnose(model: "mixreorg_jax.Model", world: synthetic.WorldConfig,
         num_images=num_images)
 
 
+def _class_prompts(model: "mixreorg_jax.Model", world: synthetic.WorldConfig) -> np.ndarray:
+    """[C, D] embeddings of "a photo of a {class}." for the world's classes, in class order."""
+    names = synthetic.class_names(world)[1:]
+    return np.asarray(model.encode_text([f"a photo of a {n}." for n in names]))
+
+
 def majority_share(owner, source) -> list[float]:
     """For each segment of each image, the share of its patches from its most common source.
 
@@ -132,11 +134,12 @@ def majority_share(owner, source) -> list[float]:
 
 def diagnose_mixing(model: "mixreorg_jax.Model", world: synthetic.WorldConfig, mix: dict,
                     num_images: int = 256) -> dict:
-    """The `--mixing` numbers of the module docstring; `mix` as the train config's `mix`."""
+    """The `--mixing` numbers of the module docstring; `mix` as the train config's `mix` (a
+    dict)."""
     k = mix["group_size"]
-    num_images -= num_images % k
     if num_images < k:
         raise ValueError(f"--mixing needs at least one group of {k} images, got {num_images}")
+    num_images -= num_images % k
     images, present, patch_labels = _images_and_patch_labels(world, num_images,
                                                              model.config.patch_size)
     grid = (world.image_size // model.config.patch_size,) * 2
@@ -154,24 +157,22 @@ def diagnose_mixing(model: "mixreorg_jax.Model", world: synthetic.WorldConfig, m
     segments, assignment = jax.jit(lambda v, x: model.module.apply(v, x, method=mixed_segments))(
         model.variables, jnp.asarray(images))
     owner = np.asarray(assignment).argmax(-1)  # [B, N]
-    start = (np.arange(num_images) // k * k)[:, None]
-    source, other_source = np.asarray(plan.source), np.asarray(other.source)
+    member = np.asarray(plan.member)  # each patch's source, as an in-group index
 
-    names = synthetic.class_names(world)[1:]
-    text = np.asarray(model.encode_text([f"a photo of a {n}." for n in names]))
+    text = _class_prompts(model, world)
     sources_text = np.stack([text[sorted(c - 1 for c in p)].mean(0) for p in present])
     sources_text /= np.linalg.norm(sources_text, axis=1, keepdims=True)
-    # [B, N]: the in-group source whose classes each patch's segment matches best.
+    # [B, G, K] segment-source scores; [B, N] the source each patch's segment matches best.
     segment_source = np.einsum("bgd,bkd->bgk", np.asarray(segments),
-                               sources_text.reshape(-1, k, text.shape[1]).repeat(k, axis=0))
-    predicted = np.take_along_axis(segment_source.argmax(-1), owner, axis=1)
-    right = predicted == source - start
-    is_object = patch_labels[source, np.arange(source.shape[1])] > 0
-    distinct = np.array([len({frozenset(present[j]) for j in range(b - b % k, b - b % k + k)})
-                         == k for b in range(num_images)])[:, None]
+                               sources_text[np.asarray(plan.group_captions)])
+    right = np.take_along_axis(segment_source.argmax(-1), owner, axis=1) == member
+    is_object = patch_labels[np.asarray(plan.source), np.arange(member.shape[1])] > 0
+    # Mixed images whose K sources all show different sets of classes.
+    distinct = np.repeat([len({frozenset(p) for p in present[i:i + k]}) == k
+                          for i in range(0, num_images, k)], k)[:, None]
     return dict(
-        mixed_segment_source_purity=float(np.mean(majority_share(owner, source - start))),
-        shuffled_source_purity=float(np.mean(majority_share(owner, other_source - start))),
+        mixed_segment_source_purity=float(np.mean(majority_share(owner, member))),
+        shuffled_source_purity=float(np.mean(majority_share(owner, np.asarray(other.member)))),
         mixed_patch_accuracy_object=float(right[distinct & is_object].mean()),
         mixed_patch_accuracy_background=float(right[distinct & ~is_object].mean()))
 
@@ -197,8 +198,9 @@ def run(path: str, world_overrides: str = "{}", num_images: int = 256,
         raise SystemExit(f"error: {e}") from None
     result = dict(model=path, **diagnose(model, world, num_images))
     if with_mixing:
-        trained_mix = _training_config(path).get("mix", {})
-        mix = {key: trained_mix.get(key, value) for key, value in MIX_DEFAULTS.items()}
+        # The base config's mixing (method.md §4) where the workdir does not say how it mixed.
+        mix = {**train_config.base_config().mix.to_dict(),
+               **_training_config(path).get("mix", {})}
         try:
             result.update(diagnose_mixing(model, world, mix, num_images))
         except ValueError as e:  # e.g. a block size that does not divide the patch grid
