@@ -96,7 +96,7 @@ def save_model(path: str, variables: Mapping[str, Any], config: ml_collections.C
 
     Checks the variables against GroupViT(config) first, so a checkpoint always loads.
     """
-    path = os.path.abspath(path)
+    path = os.path.abspath(os.path.expanduser(path))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}

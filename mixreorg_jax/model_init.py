@@ -10,6 +10,7 @@ Sources:
   the text tower and the projectors start fresh (method.md §3).
 """
 import json
+import re
 
 import jax
 import ml_collections
@@ -32,6 +33,9 @@ _VIT_BLOCK = {
     "layernorm_after": "layer_norm2",
 }
 _VIT_TYPES = ("vit", "deit")
+# The image tower up to the first grouping block without its group tokens: what a plain ViT has
+# (and what `experiments.probe --readout=patch_mean` trains).
+BACKBONE = r"params/vision/(patch_embed|patch_norm|position_embedding|stages_0/blocks_\d+)(/.*)?"
 
 
 def _vit_as_groupvit_tensors(tensors: dict, vit_config: dict,
@@ -122,14 +126,24 @@ def load_initial_variables(source: str, shapes: dict[str, tuple],
 
 
 def initialize(state: dict, source: str, config: ml_collections.ConfigDict,
-               state_sharding: dict) -> dict:
-    """The train state with the model tensors that `source` provides replaced (same sharding)."""
+               state_sharding: dict, load: str = ".*") -> dict:
+    """The train state with the model tensors that `source` provides replaced (same sharding).
+
+    Only the tensors whose flat path `load` (a regex) fully matches are replaced, e.g.
+    `BACKBONE` for the patch embedding and stage-1 blocks that `experiments.probe` pre-trains.
+    """
     def model_part(tree):
         return {"params": tree["params"]["model"], "batch_stats": tree["batch_stats"]}
 
     current = checkpoint_io.flatten_tree(model_part(state))
     shardings = checkpoint_io.flatten_tree(model_part(state_sharding))
     loaded = load_initial_variables(source, {k: v.shape for k, v in current.items()}, config)
+    if load != ".*":
+        loaded = {k: v for k, v in loaded.items() if re.fullmatch(load, k)}
+        if not loaded:
+            raise ValueError(f"model_init_load {load!r} matches none of the tensors in {source}")
+        logging.info("model_init_load %r: %d tensors from %s, the others fresh", load,
+                     len(loaded), source)
     current.update({k: jax.device_put(v.astype(current[k].dtype), shardings[k])
                     for k, v in loaded.items()})
     new = checkpoint_io.unflatten_tree(current)

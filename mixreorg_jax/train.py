@@ -91,7 +91,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         state = jax.jit(init, out_shardings=state_sharding)(base_rng)
         if config.model_init:
-            state = model_init.initialize(state, config.model_init, config.model, state_sharding)
+            state = model_init.initialize(state, config.model_init, config.model, state_sharding,
+                                         load=config.model_init_load)
     first_step = int(state["step"])
 
     evals = evaluators.create(config.evals, model=model, mesh=mesh, config=config)

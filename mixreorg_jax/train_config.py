@@ -8,6 +8,7 @@ import runpy
 
 import ml_collections
 
+from mixreorg_jax import model_init
 from mixreorg_jax.data import pipeline, synthetic
 from mixreorg_jax.models import presets
 
@@ -85,8 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Resume order: the workdir's own checkpoint, else `resume` (another run's checkpoints/ dir or
     # workdir), else `model_init` (parameters only: our checkpoint or export, a converted Hugging
     # Face GroupViT, or a Hugging Face ViT/DeiT folder for the backbone), else scratch.
+    # model_init_load: a regex; only the variables whose flat path ('params/vision/...',
+    # 'batch_stats/...') it fully matches are taken from `model_init`, the rest start fresh.
     c.resume = ""
     c.model_init = ""
+    c.model_init_load = ".*"
 
     # In-loop evaluators (mixreorg_jax/evaluators): name -> dict(type=..., every_steps=..., ...).
     c.evals = ml_collections.ConfigDict()
@@ -152,6 +156,10 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         # evaluation's logit scale; no caption-contrastive terms (so no restoration loss).
         c.loss.update(dict(contrastive=0.0, restore=0.0, segment_multi_label=1.0,
                            segment_retrieval=1.0, share_temperature=True))
+        # A `model_init` gives the demo only its backbone, as ImageNet weights give MixReorg's
+        # (method.md §3): the patch embedding and stage-1 blocks, pre-trained on the world's
+        # image-level labels by `experiments.probe --export` (launch/local.sh does it first).
+        c.model_init_load = model_init.BACKBONE
         c.log_every_steps = 20
         c.checkpoint.every_steps = 200
     elif variant == "tiny":

@@ -16,7 +16,10 @@ def dry_run(script, *args):
 
 
 def test_local_trains_then_evaluates_the_same_workdir():
-    train, evaluate = dry_run("local.sh", "/tmp/demo", "--config.seed=3")
+    pretrain, train, evaluate = dry_run("local.sh", "/tmp/demo", "--config.seed=3")
+    assert pretrain[:3] == ["python", "-m", "mixreorg_jax.experiments.probe"]
+    backbone = "/home/u/tensorflow_datasets/mixreorg_backbone"
+    assert f"--export={backbone}" in pretrain and f"--config.model_init={backbone}" in train
     assert train[:5] == ["python", "-m", "mixreorg_jax.train", "--config", "configs/mixreorg.py:demo"]
     assert "--workdir" in train and train[train.index("--workdir") + 1] == "/tmp/demo"
     assert "--config.seed=3" in train

@@ -84,7 +84,7 @@ def _program_key(config: ml_collections.ConfigDict, mesh=None):
     """What the init and update programs depend on: all but where data, logs and checkpoints go."""
     relevant = {k: v for k, v in config.to_dict().items()
                 if k not in ("data", "checkpoint", "log_every_steps", "resume", "model_init",
-                             "evals")}
+                             "model_init_load", "evals")}
     relevant["batch_size"] = config.data.batch_size
     return json.dumps(relevant, sort_keys=True, default=str), mesh
 
@@ -630,6 +630,37 @@ def test_model_init_from_hf_vit_copies_patch_embedding_positions_and_blocks(
     assert len(changed) == 3 + 16 * layer  # patch embedding (2), positions, 16 per block
     # The same layout on the mesh as a fresh state.
     assert jax.tree.map(lambda x: x.sharding, after_state) == shardings
+
+
+def test_model_init_load_takes_only_the_matching_tensors(tmp_path, initial_state):
+    config, state, shardings = initial_state
+    before = checkpoint_io.flatten_tree(jax.device_get(
+        {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}))
+    rng = np.random.default_rng(0)
+    source = {k: rng.normal(size=np.shape(v)).astype(np.float32) for k, v in before.items()}
+    checkpoint_io.save_model(str(tmp_path / "source"), checkpoint_io.unflatten_tree(source),
+                             config.model)
+
+    after_state = model_init.initialize(state, str(tmp_path / "source"), config.model, shardings,
+                                        load=model_init.BACKBONE)
+    after = checkpoint_io.flatten_tree(jax.device_get(
+        {"params": after_state["params"]["model"], "batch_stats": after_state["batch_stats"]}))
+    loaded = {k for k in after if np.array_equal(after[k], source[k])}
+    kept = {k for k in after if np.array_equal(after[k], before[k])}
+    assert loaded | kept == set(after) and not loaded & kept
+    blocks = config.model.depths[0]
+    assert loaded == ({"params/vision/patch_embed/kernel", "params/vision/patch_embed/bias",
+                       "params/vision/patch_norm/scale", "params/vision/patch_norm/bias",
+                       "params/vision/position_embedding"}
+                      | {k for k in after
+                         if k.startswith(tuple(f"params/vision/stages_0/blocks_{i}/"
+                                               for i in range(blocks)))})
+    assert len(loaded) == 5 + 16 * blocks
+    assert jax.tree.map(lambda x: x.sharding, after_state) == shardings
+
+    with pytest.raises(ValueError, match="model_init_load 'params/nothing' matches none"):
+        model_init.initialize(state, str(tmp_path / "source"), config.model, shardings,
+                              load="params/nothing")
 
 
 def test_model_init_refuses_a_vit_of_another_width(tmp_path, initial_state):

@@ -15,6 +15,15 @@ fraction of held-out images whose top-scoring class is present (the label prior 
   patch_mean  the mean of the stage-1 patch tokens (a plain ViT, no grouping)
   patch_max   their maximum over patches
 
+`--export=DIR` saves the trained model. With `--readout=patch_mean` its patch embedding and
+stage-1 blocks are the synthetic world's stand-in for MixReorg's ImageNet-pretrained backbone
+(method.md §3: supervised on image-level labels, no masks), which training loads with
+`--config.model_init=DIR --config.model_init_load="$BACKBONE"` (`model_init.BACKBONE`; the demo
+variant's default), everything else starting fresh:
+
+  python -m mixreorg_jax.experiments.probe --readout=patch_mean --weight_init=lecun_normal \
+      --lr=3e-3 --steps=600 --export=~/tensorflow_datasets/mixreorg_backbone
+
 `--head=batchnorm` (default) standardises each feature over the batch before the linear map, as
 the model's projector does with its BatchNorm (held-out features use the held-out batch's
 statistics). A plain `--head=linear` on LayerNorm-ed features learns far slower: their
@@ -30,6 +39,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from mixreorg_jax import checkpoint_io
 from mixreorg_jax.data import synthetic
 from mixreorg_jax.models import groupvit, presets
 
@@ -45,6 +55,8 @@ flags.DEFINE_integer("log_every", 50, "Steps between evaluations.")
 flags.DEFINE_string("world", '{"class_texture_prob": 1.0}',
                     "JSON overrides of the WorldConfig (image_size follows the model).")
 flags.DEFINE_integer("seed", 0, "Initialisation seed.")
+flags.DEFINE_string("export", None, "Write the trained model here (`checkpoint_io.save_model`), "
+                    "e.g. a backbone for `--config.model_init` (see the module doc).")
 
 MEAN, STD = 0.45, 0.25
 
@@ -71,8 +83,11 @@ def features(model, images, readout: str):
 
 
 def run(model_config, world, *, readout, lr, steps, batch_size, log_every, head="batchnorm",
-        seed=0, held_out_size=256, jit=jax.jit):
-    """Trains the probe; returns the logged records. `jit` compiles its two functions."""
+        seed=0, held_out_size=256, jit=jax.jit, export=None):
+    """Trains the probe; returns the logged records. `jit` compiles its two functions.
+
+    With `export` (a new directory) it also saves the model's variables there, the head left out.
+    """
     model = groupvit.GroupViT(model_config)
     variables = groupvit.init_variables(model_config, jax.random.key(seed))
     params = {"model": variables["params"],
@@ -108,6 +123,8 @@ def run(model_config, world, *, readout, lr, steps, batch_size, log_every, head=
                                 held_out_top_class_present=float(top_present(
                                     params, *held_out, jax.random.key(-1)))))
             print(json.dumps(dict(readout=readout, head=head, **records[-1])), flush=True)
+    if export:
+        checkpoint_io.save_model(export, dict(variables, params=params["model"]), model_config)
     return records
 
 
@@ -119,7 +136,8 @@ def main(argv):
     world = synthetic.WorldConfig(**{**json.loads(FLAGS.world),
                                      "image_size": model_config.image_size})
     run(model_config, world, readout=FLAGS.readout, lr=FLAGS.lr, steps=FLAGS.steps,
-        batch_size=FLAGS.batch_size, log_every=FLAGS.log_every, head=FLAGS.head, seed=FLAGS.seed)
+        batch_size=FLAGS.batch_size, log_every=FLAGS.log_every, head=FLAGS.head, seed=FLAGS.seed,
+        export=FLAGS.export)
 
 
 if __name__ == "__main__":

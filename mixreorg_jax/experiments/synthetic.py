@@ -28,8 +28,11 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 RUNS = {
     "groupvit": ("groupvit", {}),
     "mixreorg": ("mixreorg", {}),
-    "no_contextual_mixing": ("mixreorg", {"mix.contextual_depth": 0}),
-    "no_progressive_mixing": ("mixreorg", {"mix.progressive_weight": 0.0}),
+    # The paper's contextual (one block) and progressive mixing, off in configs/mixreorg.py.
+    "contextual_mixing": ("mixreorg", {"mix.contextual_depth": 1}),
+    "progressive_mixing": ("mixreorg", {"mix.progressive_weight": 1.0}),
+    "contextual_progressive_mixing": ("mixreorg", {"mix.contextual_depth": 1,
+                                                   "mix.progressive_weight": 1.0}),
     "no_restore_loss": ("mixreorg", {"loss.restore": 0.0}),
     "no_mixseg_loss": ("mixreorg", {"loss.mixseg": 0.0}),
     "group_size_4": ("mixreorg", {"mix.group_size": 4}),
