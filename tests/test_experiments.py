@@ -31,8 +31,10 @@ def test_groupvit_and_mixreorg_runs_differ_only_in_the_method():
         for name in ("groupvit", "mixreorg"))
     assert groupvit.keys() == mixreorg.keys()
     differ = {key for key in groupvit if groupvit[key] != mixreorg[key]}
-    # The demo has no caption-contrastive terms, so no restoration loss either.
-    assert differ == {"mix.enabled", "loss.mixseg"}
+    # The demo has no caption-contrastive terms, so no restoration loss either; the mixing
+    # stages are MixReorg's own (GroupViT's config keeps the base defaults, unused).
+    assert differ == {"mix.enabled", "loss.mixseg", "mix.contextual_depth",
+                      "mix.progressive_weight"}
 
 
 def test_parse_value():
