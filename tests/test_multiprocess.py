@@ -13,14 +13,13 @@ import sys
 import grain
 import numpy as np
 
-from mixreorg_jax import train
+from mixreorg_jax import train, train_config
 from mixreorg_jax.data import pipeline
 
 from test_train import (REPO, TOTAL_STEPS, assert_same_training_state,  # noqa: F401
                         assert_trees_equal, cli_overrides, compile_cache_dir, losses_only,
                         persistent_compile_cache, read_metrics, read_state, reuse_train_programs,
-                        shared_mixreorg_run, shared_root, subprocess_env, synthetic_dir,
-                        tiny_config)
+                        shared_root, subprocess_env, synthetic_dir, tiny_config)
 
 PROCESSES = 2
 DEVICES_PER_PROCESS = 4
@@ -53,7 +52,14 @@ class ConcatenatedShards(grain.DatasetIterator):
             shard.set_state(state[str(i)])
 
 
-def test_two_processes_train_like_one(tmp_path, shared_root, synthetic_dir, monkeypatch):
+# With the tiny MixReorg's own mixing (none before or beside the mixed branch's blocks) a hard
+# group assignment of a mixed image flips at step 9 between the two layouts' roundings (grad norm
+# 0.8% apart, the losses then 1e-3): the paper's contextual and progressive mixing keep them
+# within the tolerances below for all 12 steps.
+MIX = {"mix.contextual_depth": 1, "mix.progressive_weight": 1.0}
+
+
+def test_two_processes_train_like_one(tmp_path, synthetic_dir, monkeypatch):
     workdir, reference_dir = tmp_path / "two_processes", tmp_path / "one_process"
     address = f"127.0.0.1:{_free_port()}"
     # No compilation cache: no other test runs these programs (and on CPU, JAX's sharing of
@@ -67,7 +73,8 @@ def test_two_processes_train_like_one(tmp_path, shared_root, synthetic_dir, monk
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "mixreorg_jax.train",
                  f"--config={REPO / 'configs' / 'mixreorg.py'}:tiny", f"--workdir={workdir}",
-                 *cli_overrides(synthetic_dir), f"--coordinator_address={address}",
+                 *cli_overrides(synthetic_dir), *(f"--config.{k}={v}" for k, v in MIX.items()),
+                 f"--coordinator_address={address}",
                  f"--num_processes={PROCESSES}", f"--process_id={index}"],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
 
@@ -77,13 +84,11 @@ def test_two_processes_train_like_one(tmp_path, shared_root, synthetic_dir, monk
 
     try:
         # Meanwhile, the reference: one process with as many devices, on both shards' batches.
-        # Its config is the shared MixReorg run's, whose compiled programs it reuses.
-        shared_mixreorg_run(shared_root, synthetic_dir)
         make = pipeline.make_train_iterator
         monkeypatch.setattr(pipeline, "make_train_iterator", lambda data_config: ConcatenatedShards(
             [make(data_config, process_index=i, process_count=PROCESSES)
              for i in range(PROCESSES)]))
-        config = tiny_config("mixreorg", synthetic_dir)
+        config = train_config.apply_overrides(tiny_config("mixreorg", synthetic_dir), MIX)
         train.train_and_evaluate(config, str(reference_dir))
         returncodes = [p.wait(timeout=TIMEOUT_S) for p in processes]
     except subprocess.TimeoutExpired:
