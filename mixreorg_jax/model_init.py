@@ -138,12 +138,11 @@ def initialize(state: dict, source: str, config: ml_collections.ConfigDict,
     current = checkpoint_io.flatten_tree(model_part(state))
     shardings = checkpoint_io.flatten_tree(model_part(state_sharding))
     loaded = load_initial_variables(source, {k: v.shape for k, v in current.items()}, config)
-    if load != ".*":
-        loaded = {k: v for k, v in loaded.items() if re.fullmatch(load, k)}
-        if not loaded:
-            raise ValueError(f"model_init_load {load!r} matches none of the tensors in {source}")
-        logging.info("model_init_load %r: %d tensors from %s, the others fresh", load,
-                     len(loaded), source)
+    loaded = {k: v for k, v in loaded.items() if re.fullmatch(load, k)}
+    if not loaded:
+        raise ValueError(f"model_init_load {load!r} matches none of the tensors in {source}")
+    logging.info("model_init_load %r: %d of the model's %d tensors from %s", load, len(loaded),
+                 len(current), source)
     current.update({k: jax.device_put(v.astype(current[k].dtype), shardings[k])
                     for k, v in loaded.items()})
     new = checkpoint_io.unflatten_tree(current)
