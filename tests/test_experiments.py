@@ -13,9 +13,9 @@ from mixreorg_jax.experiments import synthetic
 
 
 def test_run_configs_apply_the_run_then_the_common_overrides():
-    config = synthetic.run_config("block_size_2", 3, {"total_steps": 7, "optim.lr": 5e-4}, "/w")
+    config = synthetic.run_config("block_size_1", 3, {"total_steps": 7, "optim.lr": 5e-4}, "/w")
     assert (config.seed, config.total_steps, config.optim.lr) == (3, 7, 5e-4)
-    assert config.mix.enabled and config.mix.block_size == 2
+    assert config.mix.enabled and config.mix.block_size == 1
     assert config.data.synthetic_dir == "/w"
     assert not synthetic.run_config("groupvit", 0, {}, "/w").mix.enabled
     with pytest.raises(ValueError, match="optim.lrr"):
@@ -33,7 +33,7 @@ def test_groupvit_and_mixreorg_runs_differ_only_in_the_method():
     differ = {key for key in groupvit if groupvit[key] != mixreorg[key]}
     # The demo has no caption-contrastive terms, so no restoration loss either; the mixing
     # stages are MixReorg's own (GroupViT's config keeps the base defaults, unused).
-    assert differ == {"mix.enabled", "loss.mixseg", "mix.contextual_depth",
+    assert differ == {"mix.enabled", "loss.mixseg", "mix.block_size", "mix.contextual_depth",
                       "mix.progressive_weight"}
 
 
@@ -169,11 +169,12 @@ def test_diagnose_reads_patch_labels_and_reports_every_level(tmp_path):
     assert 1 <= got["groups_per_image"] <= config.num_output_groups[-1]
     assert 0 <= got["object_segments"] <= got["groups_per_image"] * 6
 
-    assert diagnose.training_world(str(tmp_path / "model")) == {}  # not a training workdir
+    assert diagnose.training_config(str(tmp_path / "model")) == {}  # not a training workdir
     (tmp_path / "workdir").mkdir()
     (tmp_path / "workdir" / "config.json").write_text(
         '{"data": {"synthetic_world": {"class_texture_prob": 1.0}}}')
-    assert diagnose.training_world(str(tmp_path / "workdir")) == {"class_texture_prob": 1.0}
+    assert diagnose.training_config(str(tmp_path / "workdir")) == {
+        "data": {"synthetic_world": {"class_texture_prob": 1.0}}}
 
 
 def test_diagnose_mixing_scores_the_mixed_segments_by_source(tmp_path):

@@ -177,30 +177,27 @@ def diagnose_mixing(model: "mixreorg_jax.Model", world: synthetic.WorldConfig, m
         mixed_patch_accuracy_background=float(right[distinct & ~is_object].mean()))
 
 
-def _training_config(path: str) -> dict:
+def training_config(path: str) -> dict:
+    """The config.json of a training workdir at `path` (a dict), else {}."""
     config_file = epath.Path(path).expanduser() / "config.json"
     return json.loads(config_file.read_text()) if config_file.exists() else {}
-
-
-def training_world(path: str) -> dict:
-    """The synthetic world settings a training workdir's config.json trained on, else {}."""
-    return _training_config(path).get("data", {}).get("synthetic_world", {})
 
 
 def run(path: str, world_overrides: str = "{}", num_images: int = 256,
         with_mixing: bool = False) -> dict:
     """The command line's result for the model at `path`; bad input exits with a one-line error."""
+    trained = training_config(path)
     try:
         model = mixreorg_jax.load(path)
-        world = synthetic.WorldConfig(**{**training_world(path), **json.loads(world_overrides),
+        world = synthetic.WorldConfig(**{**trained.get("data", {}).get("synthetic_world", {}),
+                                         **json.loads(world_overrides),
                                          "image_size": model.config.image_size})
     except (ValueError, TypeError, FileNotFoundError) as e:  # JSONDecodeError is a ValueError
         raise SystemExit(f"error: {e}") from None
     result = dict(model=path, **diagnose(model, world, num_images))
     if with_mixing:
         # The base config's mixing (method.md §4) where the workdir does not say how it mixed.
-        mix = {**train_config.base_config().mix.to_dict(),
-               **_training_config(path).get("mix", {})}
+        mix = {**train_config.base_config().mix.to_dict(), **trained.get("mix", {})}
         try:
             result.update(diagnose_mixing(model, world, mix, num_images))
         except ValueError as e:  # e.g. a block size that does not divide the patch grid
