@@ -15,11 +15,10 @@ def get_config(arg=None):
     # The method's settings, chosen on the synthetic benchmark (README, "The synthetic
     # benchmark"). From the pre-trained backbone the images are mixed before any block has seen
     # their source image (no contextual or progressive mixing): contextual features let the mixed
-    # segments follow their source without learning its classes. Mixing 2 x 2 patch blocks
-    # keeps pieces of objects whole, so a mixed segment shows enough of its source's class.
+    # segments follow their source without learning its classes.
     c.mix.enabled = True
     c.mix.group_size = 2
-    c.mix.block_size = 2
+    c.mix.block_size = 1
     c.mix.contextual_depth = 0
     c.mix.progressive_weight = 0.0
     c.mix.progressive_mode = "add"

@@ -13,9 +13,9 @@ from mixreorg_jax.experiments import synthetic
 
 
 def test_run_configs_apply_the_run_then_the_common_overrides():
-    config = synthetic.run_config("block_size_1", 3, {"total_steps": 7, "optim.lr": 5e-4}, "/w")
+    config = synthetic.run_config("block_size_2", 3, {"total_steps": 7, "optim.lr": 5e-4}, "/w")
     assert (config.seed, config.total_steps, config.optim.lr) == (3, 7, 5e-4)
-    assert config.mix.enabled and config.mix.block_size == 1
+    assert config.mix.enabled and config.mix.block_size == 2
     assert config.data.synthetic_dir == "/w"
     assert not synthetic.run_config("groupvit", 0, {}, "/w").mix.enabled
     with pytest.raises(ValueError, match="optim.lrr"):
@@ -33,7 +33,7 @@ def test_groupvit_and_mixreorg_runs_differ_only_in_the_method():
     differ = {key for key in groupvit if groupvit[key] != mixreorg[key]}
     # The demo has no caption-contrastive terms, so no restoration loss either; the mixing
     # stages are MixReorg's own (GroupViT's config keeps the base defaults, unused).
-    assert differ == {"mix.enabled", "loss.mixseg", "mix.block_size", "mix.contextual_depth",
+    assert differ == {"mix.enabled", "loss.mixseg", "mix.contextual_depth",
                       "mix.progressive_weight"}
 
 

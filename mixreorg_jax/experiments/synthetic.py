@@ -35,9 +35,7 @@ RUNS = {
                                                    "mix.progressive_weight": 1.0}),
     "no_restore_loss": ("mixreorg", {"loss.restore": 0.0}),
     "no_mixseg_loss": ("mixreorg", {"loss.mixseg": 0.0}),
-    # The demo's mixed-segmentation weight is 4 (configs/mixreorg.py).
-    "mixseg_weight_1": ("mixreorg", {"loss.mixseg": 1.0}),
-    "mixseg_weight_2": ("mixreorg", {"loss.mixseg": 2.0}),
+    "mixseg_weight_1": ("mixreorg", {"loss.mixseg": 1.0}),  # the demo's is 4
     "group_size_4": ("mixreorg", {"mix.group_size": 4}),
     "block_size_1": ("mixreorg", {"mix.block_size": 1}),
     "block_size_2": ("mixreorg", {"mix.block_size": 2}),
