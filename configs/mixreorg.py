@@ -24,7 +24,8 @@ def get_config(arg=None):
     c.mix.progressive_mode = "add"
     # The loss weights are the base config's (method.md §4: every term at 1.0, the mixed images
     # against their group's captions), which the demo variant changes; its mixed-segmentation
-    # loss, the one term that reads the mixed branch, weighs 4 (measured against 1 and 2).
+    # loss, the one term that reads the mixed branch, weighs 4 (measured against 1 and 2:
+    # docs/synthetic_learnability.md §14).
     if variant == "demo":
         c.loss.mixseg = 4.0
     return c
