@@ -13,7 +13,7 @@ import sys
 import grain
 import numpy as np
 
-from mixreorg_jax import train, train_config
+from mixreorg_jax import train
 from mixreorg_jax.data import pipeline
 
 from test_train import (REPO, TOTAL_STEPS, assert_same_training_state,  # noqa: F401
@@ -73,8 +73,7 @@ def test_two_processes_train_like_one(tmp_path, synthetic_dir, monkeypatch):
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "mixreorg_jax.train",
                  f"--config={REPO / 'configs' / 'mixreorg.py'}:tiny", f"--workdir={workdir}",
-                 *cli_overrides(synthetic_dir), *(f"--config.{k}={v}" for k, v in MIX.items()),
-                 f"--coordinator_address={address}",
+                 *cli_overrides(synthetic_dir, MIX), f"--coordinator_address={address}",
                  f"--num_processes={PROCESSES}", f"--process_id={index}"],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
 
@@ -88,7 +87,7 @@ def test_two_processes_train_like_one(tmp_path, synthetic_dir, monkeypatch):
         monkeypatch.setattr(pipeline, "make_train_iterator", lambda data_config: ConcatenatedShards(
             [make(data_config, process_index=i, process_count=PROCESSES)
              for i in range(PROCESSES)]))
-        config = train_config.apply_overrides(tiny_config("mixreorg", synthetic_dir), MIX)
+        config = tiny_config("mixreorg", synthetic_dir, MIX)
         train.train_and_evaluate(config, str(reference_dir))
         returncodes = [p.wait(timeout=TIMEOUT_S) for p in processes]
     except subprocess.TimeoutExpired:

@@ -152,20 +152,21 @@ def compiled_init(shared_root, synthetic_dir, persistent_compile_cache, reuse_tr
     compile_init_once(shared_root, synthetic_dir)
 
 
-def tiny_config(name: str, synthetic_dir) -> ml_collections.ConfigDict:
-    """`configs/<name>.py:tiny` as every test here trains it (see `cli_overrides`)."""
+def tiny_config(name: str, synthetic_dir, extra: dict | None = None) -> ml_collections.ConfigDict:
+    """`configs/<name>.py:tiny` as every test here trains it, with `extra` overrides (see
+    `cli_overrides`)."""
     return train_config.apply_overrides(train_config.from_file(f"{REPO}/configs/{name}.py:tiny"),
-                                        _overrides(synthetic_dir))
+                                        _overrides(synthetic_dir, extra))
 
 
-def _overrides(synthetic_dir) -> dict:
+def _overrides(synthetic_dir, extra: dict | None = None) -> dict:
     return {"data.synthetic_dir": str(synthetic_dir), "total_steps": TOTAL_STEPS,
-            "log_every_steps": 1, "checkpoint.every_steps": 1000}
+            "log_every_steps": 1, "checkpoint.every_steps": 1000, **(extra or {})}
 
 
-def cli_overrides(synthetic_dir) -> list[str]:
+def cli_overrides(synthetic_dir, extra: dict | None = None) -> list[str]:
     """`tiny_config`'s changes as command-line flags (the same programs, so cache hits)."""
-    return [f"--config.{k}={v}" for k, v in _overrides(synthetic_dir).items()]
+    return [f"--config.{k}={v}" for k, v in _overrides(synthetic_dir, extra).items()]
 
 
 def subprocess_env(compile_cache_dir, **extra) -> dict:
