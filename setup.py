@@ -1,4 +1,5 @@
 """Installs mixreorg_jax: `pip install -e .` (add `[test]` for the test suite)."""
+
 import setuptools
 
 setuptools.setup(
@@ -34,6 +35,6 @@ setuptools.setup(
     ],
     extras_require={
         # torch==2.13.0 is the CPU build available locally; the reference for numerical parity.
-        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "hypothesis"],
+        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "hypothesis", "ruff"],
     },
 )

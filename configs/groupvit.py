@@ -4,6 +4,7 @@ Variants (`configs/groupvit.py:VARIANT`): paper, demo (default), tiny.
 
   python -m mixreorg_jax.train --config configs/groupvit.py:demo --workdir /tmp/groupvit_demo
 """
+
 from mixreorg_jax import train_config
 
 

@@ -6,6 +6,7 @@ Variants (`configs/mixreorg.py:VARIANT`): paper, demo (default), tiny.
   python -m mixreorg_jax.train --config configs/mixreorg.py:paper --workdir gs://BUCKET/mixreorg \
       --config.data.datasets='[{"dir": "gs://BUCKET/tfds/cc12m", "split": "train", "weight": 1.0}]'
 """
+
 from mixreorg_jax import train_config
 
 

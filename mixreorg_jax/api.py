@@ -1,13 +1,14 @@
 """`mixreorg_jax.load(path)`: a trained or converted model, ready to embed images and text.
 
-    model = mixreorg_jax.load("/tmp/mixreorg_demo")        # a training workdir
-    image_emb = model.encode_image(images)                 # float[B, H, W, 3], normalised
-    text_emb = model.encode_text(["a photo of a cat."])
-    logits = model.logit_scale * image_emb @ text_emb.T
+model = mixreorg_jax.load("/tmp/mixreorg_demo")        # a training workdir
+image_emb = model.encode_image(images)                 # float[B, H, W, 3], normalised
+text_emb = model.encode_text(["a photo of a cat."])
+logits = model.logit_scale * image_emb @ text_emb.T
 """
+
 import functools
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,16 +50,20 @@ def _variables_from_train_checkpoint(workdir: epath.Path):
     if not config_file.exists():
         raise FileNotFoundError(f"{workdir} has checkpoints but no config.json")
     config = checkpoint_io.config_from_json_dict(json.loads(config_file.read_text())["model"])
-    manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data"),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(
+        workdir / "checkpoints",
+        item_names=("state", "data"),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"no finished checkpoint in {workdir / 'checkpoints'}")
     # Read as host arrays, whatever devices wrote them; only the model's part is kept.
     metadata = manager.item_metadata(step)["state"]
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(restore_args=restore_args)))["state"]
+    state = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=restore_args))
+    )["state"]
     return {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}, config
 
 
@@ -92,8 +97,9 @@ class Model:
         """float[B, H, W, 3] normalised images -> L2-normalised embeddings float[B, D]."""
         images = jnp.asarray(images, jnp.float32)
         if images.ndim != 4 or images.shape[-1] != self.config.num_channels:
-            raise ValueError(f"images must be [B, H, W, {self.config.num_channels}], "
-                             f"got {images.shape}")
+            raise ValueError(
+                f"images must be [B, H, W, {self.config.num_channels}], got {images.shape}"
+            )
         return self._encode_image(self.variables, images)["embedding"]
 
     def encode_text(self, texts: str | Sequence[str]) -> jax.Array:
@@ -104,6 +110,7 @@ class Model:
         """uint8[H, W, 3] RGB -> int32[H, W] labels; see `mixreorg_jax.segment.segment`
         (with `bg_thresh`, 0 = background and k = class_names[k - 1])."""
         from mixreorg_jax import segment  # Deferred: the protocol's code is not needed to embed.
+
         return segment.segment(self.variables, self.config, image, class_names, **kwargs)
 
 

@@ -18,12 +18,12 @@ the backward pass (what rematerialisation shrinks). `--topology` compiles the st
 with XLA's TPU compiler (`pip install libtpu`; no TPU needed) for a slice such as `v5e:2x2` (16 GiB
 of HBM per chip) and reports that compiler's memory analysis instead of the CPU's estimate.
 """
+
 import json
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -41,22 +41,30 @@ def define_flags():
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
     flags.DEFINE_enum("against", None, ["pytorch"], "Also time this reference implementation.")
     flags.DEFINE_bool("memory_only", False, "Compile only; report the memory analysis.")
-    flags.DEFINE_string("topology", None, "Compile ahead of time for this TPU slice (e.g. "
-                        "`v5e:2x2`, 16 GiB per chip) and report its memory analysis; needs "
-                        "`pip install libtpu`, not the TPU. Implies --memory_only.")
+    flags.DEFINE_string(
+        "topology",
+        None,
+        "Compile ahead of time for this TPU slice (e.g. "
+        "`v5e:2x2`, 16 GiB per chip) and report its memory analysis; needs "
+        "`pip install libtpu`, not the TPU. Implies --memory_only.",
+    )
     flags.mark_flags_as_required(["config"])
 
 
-def random_batch(config: ml_collections.ConfigDict, rng: np.random.Generator,
-                 batch_size: int | None = None) -> dict:
+def random_batch(
+    config: ml_collections.ConfigDict, rng: np.random.Generator, batch_size: int | None = None
+) -> dict:
     """A batch of the config's shapes (`batch_size` examples, default the config's)."""
     b = config.data.batch_size if batch_size is None else batch_size
     size, length = config.model.image_size, config.model.context_length
     tokens = rng.integers(1, 49405, (b, 3 + 1, length), dtype=np.int32)
     tokens[..., 0], tokens[..., -1] = 49406, 49407  # SOT ... EOT
-    return {"image": rng.standard_normal((b, size, size, 3), dtype=np.float32),
-            "tokens": tokens[:, 0], "prompt_tokens": tokens[:, 1:],
-            "prompt_ids": rng.integers(0, 1000, (b, 3), dtype=np.int32)}
+    return {
+        "image": rng.standard_normal((b, size, size, 3), dtype=np.float32),
+        "tokens": tokens[:, 0],
+        "prompt_tokens": tokens[:, 1:],
+        "prompt_ids": rng.integers(0, 1000, (b, 3), dtype=np.int32),
+    }
 
 
 def build_step(config: ml_collections.ConfigDict, devices=None):
@@ -77,9 +85,14 @@ def build_step(config: ml_collections.ConfigDict, devices=None):
     if devices is None:
         batch = sharding.global_batch(random_batch(config, np.random.default_rng(0)), mesh)
     else:
-        batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype,
-                                         sharding=sharding.batch_sharding(mesh))
-                 for k, v in random_batch(config, np.random.default_rng(0), 1).items()}
+        batch = {
+            k: jax.ShapeDtypeStruct(
+                (config.data.batch_size,) + v.shape[1:],
+                v.dtype,
+                sharding=sharding.batch_sharding(mesh),
+            )
+            for k, v in random_batch(config, np.random.default_rng(0), 1).items()
+        }
     return update, init, abstract, shardings, batch, mesh
 
 
@@ -92,10 +105,14 @@ def saved_for_backward_bytes(config: ml_collections.ConfigDict, abstract_state, 
     """
     model = groupvit.GroupViT(config.model)
     loss = lambda params, stats, batch: objective.loss_fn(
-        params, stats, batch, jax.random.key(0), model=model, config=config)[0]
+        params, stats, batch, jax.random.key(0), model=model, config=config
+    )[0]
     residuals = jax.eval_shape(
         lambda params, stats, batch: jax.vjp(lambda p: loss(p, stats, batch), params)[1],
-        abstract_state["params"], abstract_state["batch_stats"], batch)
+        abstract_state["params"],
+        abstract_state["batch_stats"],
+        batch,
+    )
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(residuals))
 
 
@@ -107,13 +124,22 @@ def memory_analysis(config: ml_collections.ConfigDict, devices=None) -> dict:
         compiled = update.lower(abstract, batch).compile()
         saved = saved_for_backward_bytes(config, abstract, batch)
     m = compiled.memory_analysis()
-    peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes)
-    return {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
-            "temp_bytes": m.temp_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
-            "peak_bytes_per_device": peak, "peak_gib_per_device": round(peak / 2 ** 30, 3),
-            "saved_for_backward_bytes": saved,
-            "saved_for_backward_gib": round(saved / 2 ** 30, 3)}
+    peak = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+    return {
+        "argument_bytes": m.argument_size_in_bytes,
+        "output_bytes": m.output_size_in_bytes,
+        "temp_bytes": m.temp_size_in_bytes,
+        "alias_bytes": m.alias_size_in_bytes,
+        "peak_bytes_per_device": peak,
+        "peak_gib_per_device": round(peak / 2**30, 3),
+        "saved_for_backward_bytes": saved,
+        "saved_for_backward_gib": round(saved / 2**30, 3),
+    }
 
 
 def time_ours(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict:
@@ -132,9 +158,12 @@ def time_ours(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dic
             state, metrics = update(state, batch)
         jax.block_until_ready((state, metrics))
         seconds = time.perf_counter() - t0
-    return {"images_per_sec": steps * config.data.batch_size / seconds,
-            "step_ms": 1000 * seconds / steps, "compile_s": compile_s,
-            "loss": float(metrics["total"])}
+    return {
+        "images_per_sec": steps * config.data.batch_size / seconds,
+        "step_ms": 1000 * seconds / steps,
+        "compile_s": compile_s,
+        "loss": float(metrics["total"]),
+    }
 
 
 def time_pytorch(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict:
@@ -148,9 +177,13 @@ def time_pytorch(config: ml_collections.ConfigDict, steps: int, warmup: int) -> 
     torch.manual_seed(0)
     hf_config = transformers.GroupViTConfig(**convert.model_config_to_hf_config(config.model))
     model = transformers.GroupViTModel(hf_config).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=(config.optim.b1,
-                            config.optim.b2), eps=config.optim.eps,
-                            weight_decay=config.optim.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.optim.lr,
+        betas=(config.optim.b1, config.optim.b2),
+        eps=config.optim.eps,
+        weight_decay=config.optim.weight_decay,
+    )
     batch = random_batch(config, np.random.default_rng(0))
     pixels = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous()
     ids = torch.from_numpy(batch["tokens"]).long()
@@ -169,9 +202,12 @@ def time_pytorch(config: ml_collections.ConfigDict, steps: int, warmup: int) -> 
     for _ in range(steps):
         loss = step()
     seconds = time.perf_counter() - t0
-    return {"images_per_sec": steps * config.data.batch_size / seconds,
-            "step_ms": 1000 * seconds / steps, "loss": loss.item(), "threads":
-            torch.get_num_threads()}
+    return {
+        "images_per_sec": steps * config.data.batch_size / seconds,
+        "step_ms": 1000 * seconds / steps,
+        "loss": loss.item(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def variant(config: ml_collections.ConfigDict, *, mix: bool, like_pytorch: bool = False):
@@ -194,7 +230,8 @@ _MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false
 def main(argv):
     del argv
     if flags.FLAGS.memory_only and "concurrency_optimized_scheduler" not in os.environ.get(
-            "XLA_FLAGS", ""):
+        "XLA_FLAGS", ""
+    ):
         # XLA CPU orders a step for parallelism by default, which keeps rematerialised
         # activations alive and hides what remat saves; accelerators order it for memory. Read
         # when the backend starts, so it must be set before the first use of a device.
@@ -203,15 +240,20 @@ def main(argv):
     devices = None
     if flags.FLAGS.topology:
         from jax.experimental import topologies
+
         devices = topologies.get_topology_desc(flags.FLAGS.topology, "tpu").devices
     if config.loss.restore == 0 and config.loss.mixseg == 0:
         with config.unlocked():  # A GroupViT config: time MixReorg with the default weights.
             config.loss.restore = config.loss.mixseg = 1.0
     shown = devices or jax.devices()
-    result = {"config": config_flags.get_config_filename(flags.FLAGS["config"]),
-              "batch_size": config.data.batch_size,
-              "image_size": config.model.image_size, "dtype": config.model.dtype,
-              "devices": len(shown), "platform": shown[0].platform}
+    result = {
+        "config": config_flags.get_config_filename(flags.FLAGS["config"]),
+        "batch_size": config.data.batch_size,
+        "image_size": config.model.image_size,
+        "dtype": config.model.dtype,
+        "devices": len(shown),
+        "platform": shown[0].platform,
+    }
     if flags.FLAGS.topology:
         result["topology"] = flags.FLAGS.topology
     groupvit_config, mixreorg_config = variant(config, mix=False), variant(config, mix=True)
@@ -224,7 +266,8 @@ def main(argv):
     result["groupvit"] = time_ours(groupvit_config, steps, warmup)
     result["mixreorg"] = time_ours(mixreorg_config, steps, warmup)
     result["mixreorg_step_over_groupvit_step"] = (
-        result["groupvit"]["images_per_sec"] / result["mixreorg"]["images_per_sec"])
+        result["groupvit"]["images_per_sec"] / result["mixreorg"]["images_per_sec"]
+    )
     if flags.FLAGS.against == "pytorch":
         ours = time_ours(variant(config, mix=False, like_pytorch=True), steps, warmup)
         theirs = time_pytorch(config, steps, warmup)

@@ -9,6 +9,7 @@ shuffle, augmentation, batching, tokenization) with N worker processes.
   python -m mixreorg_jax.benchmark_data --source_size 1280x960 --num_images 100
   python -m mixreorg_jax.benchmark_data --dir ~/tensorflow_datasets/cc12m --pipeline_workers 8
 """
+
 import argparse
 import io
 import json
@@ -17,8 +18,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from mixreorg_jax.data import augment
-from mixreorg_jax.data import pipeline
+from mixreorg_jax.data import augment, pipeline
 
 
 def synthetic_jpegs(num: int, width: int, height: int, seed: int = 0) -> list[bytes]:
@@ -43,8 +43,10 @@ def _records(args) -> tuple[list[dict], str]:
         return [source[i] for i in range(count)], f"{spec.dir} {args.split}"
     width, height = (int(v) for v in args.source_size.split("x"))
     images = synthetic_jpegs(args.num_images, width, height)
-    records = [dict(image=b, caption="a dog runs in the park", words=["dog", "runs", "park"])
-               for b in images]
+    records = [
+        dict(image=b, caption="a dog runs in the park", words=["dog", "runs", "park"])
+        for b in images
+    ]
     return records, f"synthetic {width}x{height} JPEG q90"
 
 
@@ -84,17 +86,23 @@ def pipeline_rate(args) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mixreorg_jax.benchmark_data",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mixreorg_jax.benchmark_data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--dir", default="", help="a prepared dataset (default: synthetic)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--num_images", type=int, default=200)
     parser.add_argument("--source_size", default="640x480", help="synthetic JPEG WxH")
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--eval", action="store_true", help="time the eval centre-crop path")
-    parser.add_argument("--pipeline_workers", type=int, default=-1,
-                        help=">= 0: also time the whole pipeline with this many workers")
+    parser.add_argument(
+        "--pipeline_workers",
+        type=int,
+        default=-1,
+        help=">= 0: also time the whole pipeline with this many workers",
+    )
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_batches", type=int, default=10)
     args = parser.parse_args(argv)

@@ -13,9 +13,11 @@ That is one step of an Orbax CompositeCheckpointHandler with the items 'variable
 'model_config': a CheckpointManager step directory with those item names has the same layout.
 No optimiser state: training checkpoints live elsewhere (the trainer's CheckpointManager).
 """
+
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -62,13 +64,16 @@ def check_shapes(got: Mapping[str, tuple], expected: Mapping[str, tuple], source
     """
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
-    mismatched = sorted(name for name in set(got) & set(expected)
-                        if tuple(got[name]) != tuple(expected[name]))
+    mismatched = sorted(
+        name for name in set(got) & set(expected) if tuple(got[name]) != tuple(expected[name])
+    )
     if not (missing or unexpected or mismatched):
         return
     lines = [f"{source} does not match the model:"]
-    lines += [f"  shape mismatch {name}: expected {tuple(expected[name])}, got {tuple(got[name])}"
-              for name in mismatched]
+    lines += [
+        f"  shape mismatch {name}: expected {tuple(expected[name])}, got {tuple(got[name])}"
+        for name in mismatched
+    ]
     lines += [f"  missing {name} (expected shape {tuple(expected[name])})" for name in missing]
     lines += [f"  unexpected {name} (shape {tuple(got[name])})" for name in unexpected]
     raise ValueError("\n".join(lines))
@@ -82,16 +87,28 @@ def abstract_variables(config: ml_collections.ConfigDict) -> dict:
 def config_from_json_dict(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """JSON turns tuples into lists; the model config keeps tuples (hashable, comparable)."""
     return ml_collections.ConfigDict(
-        {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    )
 
 
 def _checkpointer() -> ocp.Checkpointer:
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{
-        _VARIABLES: ocp.StandardCheckpointHandler(), _MODEL_CONFIG: ocp.JsonCheckpointHandler()}))
+    return ocp.Checkpointer(
+        ocp.CompositeCheckpointHandler(
+            **{
+                _VARIABLES: ocp.StandardCheckpointHandler(),
+                _MODEL_CONFIG: ocp.JsonCheckpointHandler(),
+            }
+        )
+    )
 
 
-def save_model(path: str, variables: Mapping[str, Any], config: ml_collections.ConfigDict, *,
-               overwrite: bool = False) -> None:
+def save_model(
+    path: str,
+    variables: Mapping[str, Any],
+    config: ml_collections.ConfigDict,
+    *,
+    overwrite: bool = False,
+) -> None:
     """Writes {'params', 'batch_stats'} and the model config to the directory `path` (see module doc).
 
     Checks the variables against GroupViT(config) first, so a checkpoint always loads.
@@ -101,12 +118,21 @@ def save_model(path: str, variables: Mapping[str, Any], config: ml_collections.C
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     expected = flatten_tree(abstract_variables(config))
-    check_shapes({k: np.shape(v) for k, v in flatten_tree(variables).items()},
-                 {k: v.shape for k, v in expected.items()}, "variables to save")
-    _checkpointer().save(path, args=ocp.args.Composite(**{
-        _VARIABLES: ocp.args.StandardSave(variables),
-        _MODEL_CONFIG: ocp.args.JsonSave(json.loads(config.to_json())),
-    }), force=overwrite)
+    check_shapes(
+        {k: np.shape(v) for k, v in flatten_tree(variables).items()},
+        {k: v.shape for k, v in expected.items()},
+        "variables to save",
+    )
+    _checkpointer().save(
+        path,
+        args=ocp.args.Composite(
+            **{
+                _VARIABLES: ocp.args.StandardSave(variables),
+                _MODEL_CONFIG: ocp.args.JsonSave(json.loads(config.to_json())),
+            }
+        ),
+        force=overwrite,
+    )
 
 
 def read_model_config(path: str) -> ml_collections.ConfigDict:
@@ -116,14 +142,17 @@ def read_model_config(path: str) -> ml_collections.ConfigDict:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"No model checkpoint directory at {path}")
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{path} is not a model checkpoint: {config_file} is missing "
-                                "(written by mixreorg_jax.checkpoint_io.save_model)")
+        raise FileNotFoundError(
+            f"{path} is not a model checkpoint: {config_file} is missing "
+            "(written by mixreorg_jax.checkpoint_io.save_model)"
+        )
     with open(config_file) as f:
         return config_from_json_dict(json.load(f))
 
 
-def load_model(path: str, config: ml_collections.ConfigDict | None = None
-               ) -> tuple[dict, ml_collections.ConfigDict]:
+def load_model(
+    path: str, config: ml_collections.ConfigDict | None = None
+) -> tuple[dict, ml_collections.ConfigDict]:
     """Reads a checkpoint written by `save_model`.
 
     Args:
@@ -142,12 +171,18 @@ def load_model(path: str, config: ml_collections.ConfigDict | None = None
     checkpointer = _checkpointer()
     stored = checkpointer.metadata(path).item_metadata[_VARIABLES].tree
     expected = abstract_variables(config)
-    check_shapes({k: tuple(v.shape) for k, v in flatten_tree(stored).items()},
-                 {k: v.shape for k, v in flatten_tree(expected).items()}, f"checkpoint {path}")
+    check_shapes(
+        {k: tuple(v.shape) for k, v in flatten_tree(stored).items()},
+        {k: v.shape for k, v in flatten_tree(expected).items()},
+        f"checkpoint {path}",
+    )
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), expected)
-    restored = checkpointer.restore(path, args=ocp.args.Composite(**{
-        _VARIABLES: ocp.args.StandardRestore(target)}))[_VARIABLES]
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), expected
+    )
+    restored = checkpointer.restore(
+        path, args=ocp.args.Composite(**{_VARIABLES: ocp.args.StandardRestore(target)})
+    )[_VARIABLES]
     return jax.device_get(restored), config
 
 
@@ -160,5 +195,6 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
     """Writes tensors with the {'format': 'pt'} metadata that transformers' from_pretrained needs."""
-    safetensors.numpy.save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, path,
-                                metadata={"format": "pt"})
+    safetensors.numpy.save_file(
+        {k: np.asarray(v, order="C") for k, v in tensors.items()}, path, metadata={"format": "pt"}
+    )

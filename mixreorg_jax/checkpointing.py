@@ -4,6 +4,7 @@ Layout of a workdir's `checkpoints/<step>/`: `state/` (step, params, opt_state, 
 sharded arrays) and `data/` (each process's grain iterator state). Saves are asynchronous; a
 SIGTERM (preemption) makes every process save at the same next step and stop cleanly.
 """
+
 import signal
 import threading
 
@@ -18,10 +19,14 @@ from jax.experimental import multihost_utils
 
 def make_manager(workdir: str, ckpt: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=ckpt.max_to_keep, enable_async_checkpointing=ckpt.get("async_save", True),
-        create=True, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options,
-                                 item_names=("state", "data"))
+        max_to_keep=ckpt.max_to_keep,
+        enable_async_checkpointing=ckpt.get("async_save", True),
+        create=True,
+        cleanup_tmp_directories=True,
+    )
+    return ocp.CheckpointManager(
+        epath.Path(workdir) / "checkpoints", options=options, item_names=("state", "data")
+    )
 
 
 def checkpoints_dir(path: str) -> str:
@@ -30,8 +35,9 @@ def checkpoints_dir(path: str) -> str:
     return str(path / "checkpoints" if (path / "checkpoints").exists() else path)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None,
-         force: bool = False) -> bool:
+def save(
+    manager: ocp.CheckpointManager, step: int, state, data_iterator=None, force: bool = False
+) -> bool:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -44,8 +50,11 @@ def restore(directory: str, abstract_state, data_iterator=None, step: int | None
     `directory` is a workdir's `checkpoints/` folder (the latest step, or `step`). Returns
     (state, step).
     """
-    manager = ocp.CheckpointManager(epath.Path(directory), item_names=("state", "data"),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(
+        epath.Path(directory),
+        item_names=("state", "data"),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")
@@ -57,7 +66,8 @@ def restore(directory: str, abstract_state, data_iterator=None, step: int | None
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(
             f"checkpoint {directory}/{step} does not fit this model/optimiser (another model "
-            f"shape or config?): {str(e).splitlines()[0][:500]}") from None
+            f"shape or config?): {str(e).splitlines()[0][:500]}"
+        ) from None
     manager.close()
     return restored["state"], step
 

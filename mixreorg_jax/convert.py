@@ -14,11 +14,13 @@ The text feature is read at the largest token id (CLIP's end-of-text token), as 
 legacy eos_token_id == 2; configs whose eos_token_id is neither 2 nor vocab_size - 1 are refused.
 Dropout settings of HF configs are ignored (this port has none; HF's checkpoints use 0).
 """
+
 import argparse
 import json
 import os
 import sys
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -28,14 +30,34 @@ from mixreorg_jax.models import presets
 
 # transformers' GroupViT defaults, for keys a config.json leaves out.
 _HF_VISION_DEFAULTS = dict(
-    hidden_size=384, intermediate_size=1536, depths=[6, 3, 3], num_group_tokens=[64, 8, 0],
-    num_output_groups=[64, 8, 8], num_attention_heads=6, image_size=224, patch_size=16,
-    num_channels=3, hidden_act="gelu", layer_norm_eps=1e-5, assign_eps=1.0, assign_mlp_ratio=[0.5, 4])
+    hidden_size=384,
+    intermediate_size=1536,
+    depths=[6, 3, 3],
+    num_group_tokens=[64, 8, 0],
+    num_output_groups=[64, 8, 8],
+    num_attention_heads=6,
+    image_size=224,
+    patch_size=16,
+    num_channels=3,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    assign_eps=1.0,
+    assign_mlp_ratio=[0.5, 4],
+)
 _HF_TEXT_DEFAULTS = dict(
-    vocab_size=49408, hidden_size=256, intermediate_size=1024, num_hidden_layers=12,
-    num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-    eos_token_id=49407)
-_HF_DEFAULTS = dict(projection_dim=256, projection_intermediate_dim=4096, logit_scale_init_value=2.6592)
+    vocab_size=49408,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=12,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    eos_token_id=49407,
+)
+_HF_DEFAULTS = dict(
+    projection_dim=256, projection_intermediate_dim=4096, logit_scale_init_value=2.6592
+)
 # HF buffers that are not parameters (older checkpoints saved them).
 _HF_IGNORED = ("text_model.embeddings.position_ids",)
 
@@ -48,8 +70,9 @@ def _square(value, name: str) -> int:
     return int(value)
 
 
-def hf_config_to_model_config(hf_config: Mapping[str, Any], *,
-                              drop_path_rate: float = 0.1) -> ml_collections.ConfigDict:
+def hf_config_to_model_config(
+    hf_config: Mapping[str, Any], *, drop_path_rate: float = 0.1
+) -> ml_collections.ConfigDict:
     """A `transformers.GroupViTConfig` dict (config.json) -> our model ConfigDict.
 
     drop_path_rate is not part of HF's config (HF has no stochastic depth); 0.1 is the paper's.
@@ -57,72 +80,110 @@ def hf_config_to_model_config(hf_config: Mapping[str, Any], *,
     if hf_config.get("model_type", "groupvit") != "groupvit":
         raise ValueError(f"Not a GroupViT config: model_type={hf_config.get('model_type')!r}")
     # Older config.json files also carry *_config_dict entries, which take precedence (as in HF).
-    vision = {**_HF_VISION_DEFAULTS, **(hf_config.get("vision_config") or {}),
-              **(hf_config.get("vision_config_dict") or {})}
-    text = {**_HF_TEXT_DEFAULTS, **(hf_config.get("text_config") or {}),
-            **(hf_config.get("text_config_dict") or {})}
+    vision = {
+        **_HF_VISION_DEFAULTS,
+        **(hf_config.get("vision_config") or {}),
+        **(hf_config.get("vision_config_dict") or {}),
+    }
+    text = {
+        **_HF_TEXT_DEFAULTS,
+        **(hf_config.get("text_config") or {}),
+        **(hf_config.get("text_config_dict") or {}),
+    }
     top = {**_HF_DEFAULTS, **hf_config}
     if vision["hidden_act"] != "gelu" or text["hidden_act"] != "quick_gelu":
-        raise ValueError("This port implements GELU (vision) and QuickGELU (text); the config has "
-                         f"{vision['hidden_act']!r} and {text['hidden_act']!r}")
+        raise ValueError(
+            "This port implements GELU (vision) and QuickGELU (text); the config has "
+            f"{vision['hidden_act']!r} and {text['hidden_act']!r}"
+        )
     if vision["layer_norm_eps"] != text["layer_norm_eps"]:
-        raise ValueError("This port uses one layer_norm_eps for both towers; the config has "
-                         f"{vision['layer_norm_eps']} (vision) and {text['layer_norm_eps']} (text)")
+        raise ValueError(
+            "This port uses one layer_norm_eps for both towers; the config has "
+            f"{vision['layer_norm_eps']} (vision) and {text['layer_norm_eps']} (text)"
+        )
     if text["eos_token_id"] not in (2, text["vocab_size"] - 1):
-        raise ValueError(f"text eos_token_id={text['eos_token_id']}: this port reads the text feature "
-                         "at the largest token id, which needs eos_token_id == vocab_size - 1 (or 2)")
+        raise ValueError(
+            f"text eos_token_id={text['eos_token_id']}: this port reads the text feature "
+            "at the largest token id, which needs eos_token_id == vocab_size - 1 (or 2)"
+        )
     ratio = vision["assign_mlp_ratio"]
     ratio = tuple(ratio) if isinstance(ratio, (list, tuple)) else (ratio, ratio)
     config = presets.get_model_config("groupvit_s")
-    config.update(dict(
-        image_size=_square(vision["image_size"], "image_size"),
-        patch_size=_square(vision["patch_size"], "patch_size"),
-        num_channels=int(vision["num_channels"]),
-        width=int(vision["hidden_size"]),
-        num_heads=int(vision["num_attention_heads"]),
-        mlp_ratio=vision["intermediate_size"] / vision["hidden_size"],
-        depths=tuple(int(d) for d in vision["depths"]),
-        num_group_tokens=tuple(int(g) for g in vision["num_group_tokens"]),
-        num_output_groups=tuple(int(g) for g in vision["num_output_groups"]),
-        assign_mlp_ratio=ratio,
-        assign_eps=float(vision["assign_eps"]),
-        drop_path_rate=drop_path_rate,
-        layer_norm_eps=float(vision["layer_norm_eps"]),
-        text_width=int(text["hidden_size"]),
-        text_layers=int(text["num_hidden_layers"]),
-        text_heads=int(text["num_attention_heads"]),
-        text_mlp_ratio=text["intermediate_size"] / text["hidden_size"],
-        vocab_size=int(text["vocab_size"]),
-        context_length=int(text["max_position_embeddings"]),
-        projection_dim=int(top["projection_dim"]),
-        projection_hidden=int(top["projection_intermediate_dim"]),
-        logit_scale_init=float(top["logit_scale_init_value"]),
-    ))
+    config.update(
+        dict(
+            image_size=_square(vision["image_size"], "image_size"),
+            patch_size=_square(vision["patch_size"], "patch_size"),
+            num_channels=int(vision["num_channels"]),
+            width=int(vision["hidden_size"]),
+            num_heads=int(vision["num_attention_heads"]),
+            mlp_ratio=vision["intermediate_size"] / vision["hidden_size"],
+            depths=tuple(int(d) for d in vision["depths"]),
+            num_group_tokens=tuple(int(g) for g in vision["num_group_tokens"]),
+            num_output_groups=tuple(int(g) for g in vision["num_output_groups"]),
+            assign_mlp_ratio=ratio,
+            assign_eps=float(vision["assign_eps"]),
+            drop_path_rate=drop_path_rate,
+            layer_norm_eps=float(vision["layer_norm_eps"]),
+            text_width=int(text["hidden_size"]),
+            text_layers=int(text["num_hidden_layers"]),
+            text_heads=int(text["num_attention_heads"]),
+            text_mlp_ratio=text["intermediate_size"] / text["hidden_size"],
+            vocab_size=int(text["vocab_size"]),
+            context_length=int(text["max_position_embeddings"]),
+            projection_dim=int(top["projection_dim"]),
+            projection_hidden=int(top["projection_intermediate_dim"]),
+            logit_scale_init=float(top["logit_scale_init_value"]),
+        )
+    )
     return config
 
 
 def model_config_to_hf_config(config: ml_collections.ConfigDict) -> dict:
     """Our model ConfigDict -> a config.json dict for `transformers.GroupViTModel`."""
     vision = dict(
-        model_type="groupvit_vision_model", hidden_size=config.width,
+        model_type="groupvit_vision_model",
+        hidden_size=config.width,
         intermediate_size=round(config.mlp_ratio * config.width),
-        num_hidden_layers=sum(config.depths), depths=list(config.depths),
-        num_group_tokens=list(config.num_group_tokens), num_output_groups=list(config.num_output_groups),
-        num_attention_heads=config.num_heads, image_size=config.image_size,
-        patch_size=config.patch_size, num_channels=config.num_channels, hidden_act="gelu",
-        layer_norm_eps=config.layer_norm_eps, dropout=0.0, attention_dropout=0.0,
-        assign_eps=config.get("assign_eps", 1.0), assign_mlp_ratio=list(config.assign_mlp_ratio))
+        num_hidden_layers=sum(config.depths),
+        depths=list(config.depths),
+        num_group_tokens=list(config.num_group_tokens),
+        num_output_groups=list(config.num_output_groups),
+        num_attention_heads=config.num_heads,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        num_channels=config.num_channels,
+        hidden_act="gelu",
+        layer_norm_eps=config.layer_norm_eps,
+        dropout=0.0,
+        attention_dropout=0.0,
+        assign_eps=config.get("assign_eps", 1.0),
+        assign_mlp_ratio=list(config.assign_mlp_ratio),
+    )
     text = dict(
-        model_type="groupvit_text_model", vocab_size=config.vocab_size, hidden_size=config.text_width,
+        model_type="groupvit_text_model",
+        vocab_size=config.vocab_size,
+        hidden_size=config.text_width,
         intermediate_size=round(config.text_mlp_ratio * config.text_width),
-        num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
-        max_position_embeddings=config.context_length, hidden_act="quick_gelu",
-        layer_norm_eps=config.layer_norm_eps, dropout=0.0, attention_dropout=0.0, pad_token_id=1,
-        bos_token_id=config.vocab_size - 2, eos_token_id=config.vocab_size - 1)
+        num_hidden_layers=config.text_layers,
+        num_attention_heads=config.text_heads,
+        max_position_embeddings=config.context_length,
+        hidden_act="quick_gelu",
+        layer_norm_eps=config.layer_norm_eps,
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=1,
+        bos_token_id=config.vocab_size - 2,
+        eos_token_id=config.vocab_size - 1,
+    )
     return dict(
-        architectures=["GroupViTModel"], model_type="groupvit", projection_dim=config.projection_dim,
+        architectures=["GroupViTModel"],
+        model_type="groupvit",
+        projection_dim=config.projection_dim,
         projection_intermediate_dim=config.projection_hidden,
-        logit_scale_init_value=config.logit_scale_init, text_config=text, vision_config=vision)
+        logit_scale_init_value=config.logit_scale_init,
+        text_config=text,
+        vision_config=vision,
+    )
 
 
 # Each mapping: HF tensor name -> (our flattened variable path, HF -> ours, ours -> HF).
@@ -152,8 +213,12 @@ def hf_name_map(config: ml_collections.ConfigDict) -> dict[str, tuple[str, _Tran
         names[f"{hf}.bias"] = (f"params/{ours}/bias", _IDENTITY)
 
     def attention(hf, ours):
-        for hf_proj, our_proj in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"),
-                                  ("out_proj", "out")):
+        for hf_proj, our_proj in (
+            ("q_proj", "query"),
+            ("k_proj", "key"),
+            ("v_proj", "value"),
+            ("out_proj", "out"),
+        ):
             linear(f"{hf}.{hf_proj}", f"{ours}/{our_proj}")
 
     def mlp(hf, ours):
@@ -175,8 +240,14 @@ def hf_name_map(config: ml_collections.ConfigDict) -> dict[str, tuple[str, _Tran
         linear(f"{hf}.3", f"{ours}/fc2")
 
     embeddings = "vision_model.embeddings"
-    names[f"{embeddings}.patch_embeddings.projection.weight"] = ("params/vision/patch_embed/kernel", _CONV)
-    names[f"{embeddings}.patch_embeddings.projection.bias"] = ("params/vision/patch_embed/bias", _IDENTITY)
+    names[f"{embeddings}.patch_embeddings.projection.weight"] = (
+        "params/vision/patch_embed/kernel",
+        _CONV,
+    )
+    names[f"{embeddings}.patch_embeddings.projection.bias"] = (
+        "params/vision/patch_embed/bias",
+        _IDENTITY,
+    )
     layer_norm(f"{embeddings}.layernorm", "vision/patch_norm")
     names[f"{embeddings}.position_embeddings"] = ("params/vision/position_embedding", _IDENTITY)
     for i, depth in enumerate(config.depths):
@@ -198,16 +269,25 @@ def hf_name_map(config: ml_collections.ConfigDict) -> dict[str, tuple[str, _Tran
         layer_norm(f"{hf}.pre_assign_attn.norm2", f"{ours}/cross_attn/norm_mlp")
         mlp(f"{hf}.pre_assign_attn.mlp", f"{ours}/cross_attn/mlp")
         layer_norm(f"{hf}.pre_assign_attn.norm_post", f"{ours}/cross_attn/norm_post")
-        for hf_proj, our_proj in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"),
-                                  ("proj", "out")):
+        for hf_proj, our_proj in (
+            ("q_proj", "query"),
+            ("k_proj", "key"),
+            ("v_proj", "value"),
+            ("proj", "out"),
+        ):
             linear(f"{hf}.assign.{hf_proj}", f"{ours}/assign/{our_proj}")
         layer_norm(f"{hf}.norm_new_x", f"{ours}/norm_out")
         mlp(f"{hf}.mlp_channels", f"{ours}/mlp")
     layer_norm("vision_model.layernorm", "vision/norm")
 
-    names["text_model.embeddings.token_embedding.weight"] = ("params/text/token_embedding/embedding",
-                                                             _IDENTITY)
-    names["text_model.embeddings.position_embedding.weight"] = ("params/text/position_embedding", _IDENTITY)
+    names["text_model.embeddings.token_embedding.weight"] = (
+        "params/text/token_embedding/embedding",
+        _IDENTITY,
+    )
+    names["text_model.embeddings.position_embedding.weight"] = (
+        "params/text/position_embedding",
+        _IDENTITY,
+    )
     for j in range(config.text_layers):
         block(f"text_model.encoder.layers.{j}", f"text/blocks_{j}")
     layer_norm("text_model.final_layer_norm", "text/norm")
@@ -222,19 +302,26 @@ def _expected_hf_shapes(config, names) -> dict[str, tuple]:
     ours = checkpoint_io.flatten_tree(checkpoint_io.abstract_variables(config))
     mapped = {path for path, _ in names.values()}
     if mapped != set(ours):  # The name map and the model disagree: a bug here, not in the input.
-        raise AssertionError(f"convert.py's name map and GroupViT differ: unmapped "
-                             f"{sorted(set(ours) - mapped)}, unknown {sorted(mapped - set(ours))}")
+        raise AssertionError(
+            f"convert.py's name map and GroupViT differ: unmapped "
+            f"{sorted(set(ours) - mapped)}, unknown {sorted(mapped - set(ours))}"
+        )
     # Each transform only permutes axes, so it maps shapes when applied to a dummy array.
-    return {hf: to_hf(np.empty(ours[path].shape, np.int8)).shape
-            for hf, (path, (_, to_hf)) in names.items()}
+    return {
+        hf: to_hf(np.empty(ours[path].shape, np.int8)).shape
+        for hf, (path, (_, to_hf)) in names.items()
+    }
 
 
 def params_from_hf(state_dict: Mapping[str, np.ndarray], config: ml_collections.ConfigDict) -> dict:
     """HF GroupViTModel tensors (numpy) -> our variables {'params', 'batch_stats'} (numpy)."""
     names = hf_name_map(config)
     tensors = {k: v for k, v in state_dict.items() if k not in _HF_IGNORED}
-    checkpoint_io.check_shapes({k: np.shape(v) for k, v in tensors.items()},
-                               _expected_hf_shapes(config, names), "Hugging Face checkpoint")
+    checkpoint_io.check_shapes(
+        {k: np.shape(v) for k, v in tensors.items()},
+        _expected_hf_shapes(config, names),
+        "Hugging Face checkpoint",
+    )
     flat = {}
     for hf, (path, (from_hf, _)) in names.items():
         value = np.asarray(tensors[hf])
@@ -244,15 +331,21 @@ def params_from_hf(state_dict: Mapping[str, np.ndarray], config: ml_collections.
     return checkpoint_io.unflatten_tree(flat)
 
 
-def params_to_hf(variables: Mapping[str, Any], config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+def params_to_hf(
+    variables: Mapping[str, Any], config: ml_collections.ConfigDict
+) -> dict[str, np.ndarray]:
     """Our variables {'params', 'batch_stats'} -> HF GroupViTModel tensors (numpy)."""
     names = hf_name_map(config)
     flat = {k: np.asarray(v) for k, v in checkpoint_io.flatten_tree(variables).items()}
     expected = checkpoint_io.flatten_tree(checkpoint_io.abstract_variables(config))
-    checkpoint_io.check_shapes({k: v.shape for k, v in flat.items()},
-                               {k: v.shape for k, v in expected.items()}, "variables")
-    return {hf: np.asarray(to_hf(flat[path]), order="C")
-            for hf, (path, (_, to_hf)) in names.items()}
+    checkpoint_io.check_shapes(
+        {k: v.shape for k, v in flat.items()},
+        {k: v.shape for k, v in expected.items()},
+        "variables",
+    )
+    return {
+        hf: np.asarray(to_hf(flat[path]), order="C") for hf, (path, (_, to_hf)) in names.items()
+    }
 
 
 def read_hf_folder(hf_dir: str) -> tuple[dict[str, np.ndarray], dict]:
@@ -278,8 +371,10 @@ def read_hf_folder(hf_dir: str) -> tuple[dict[str, np.ndarray], dict]:
         return tensors, hf_config
     hint = ""
     if os.path.exists(os.path.join(hf_dir, "pytorch_model.bin")):
-        hint = (" (found pytorch_model.bin: only safetensors weights are read; re-save them with "
-                "transformers.GroupViTModel.from_pretrained(dir).save_pretrained(new_dir))")
+        hint = (
+            " (found pytorch_model.bin: only safetensors weights are read; re-save them with "
+            "transformers.GroupViTModel.from_pretrained(dir).save_pretrained(new_dir))"
+        )
     raise FileNotFoundError(f"No model.safetensors in {hf_dir}{hint}")
 
 
@@ -297,26 +392,38 @@ def to_hf(checkpoint: str, output: str) -> None:
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "config.json"), "w") as f:
         json.dump(model_config_to_hf_config(config), f, indent=2)
-    checkpoint_io.write_safetensors(os.path.join(output, "model.safetensors"),
-                                    params_to_hf(variables, config))
+    checkpoint_io.write_safetensors(
+        os.path.join(output, "model.safetensors"), params_to_hf(variables, config)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mixreorg_jax.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mixreorg_jax.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     from_parser = commands.add_parser("from-hf", help="Hugging Face folder -> model checkpoint")
-    from_parser.add_argument("--hf_dir", required=True, help="folder with config.json and model.safetensors")
+    from_parser.add_argument(
+        "--hf_dir", required=True, help="folder with config.json and model.safetensors"
+    )
     from_parser.add_argument("--output", required=True, help="model checkpoint directory to create")
-    from_parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    from_parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --output"
+    )
     to_parser = commands.add_parser("to-hf", help="model checkpoint -> Hugging Face folder")
     to_parser.add_argument("--checkpoint", required=True, help="model checkpoint directory")
-    to_parser.add_argument("--output", required=True, help="folder for config.json and model.safetensors")
+    to_parser.add_argument(
+        "--output", required=True, help="folder for config.json and model.safetensors"
+    )
     args = parser.parse_args(argv)
     if args.command == "from-hf":
         config = from_hf(args.hf_dir, args.output, overwrite=args.overwrite)
-        print(f"Wrote {args.output} (image {config.image_size}, width {config.width}, "
-              f"depths {tuple(config.depths)})")
+        print(
+            f"Wrote {args.output} (image {config.image_size}, width {config.width}, "
+            f"depths {tuple(config.depths)})"
+        )
     else:
         to_hf(args.checkpoint, args.output)
         print(f"Wrote {args.output}/config.json and model.safetensors")

@@ -15,6 +15,7 @@ The evaluation is the training loop's evaluator (`mixreorg_jax/evaluators/segmen
 built by the same factory. On several hosts, start the same command on each: every host takes
 its share of the images on its own devices, and the confusion matrices are summed.
 """
+
 import json
 import math
 import os
@@ -28,19 +29,27 @@ from mixreorg_jax import api, evaluators, sharding
 from mixreorg_jax.models import groupvit
 
 
-
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS, argv: list[str] | None = None):
     """The binary's flags. Defined only when run as a program (or on a caller's own FlagValues,
     with the `argv` it will parse), so that importing this module does not clash with other
     binaries' `--config`."""
-    config_flags.DEFINE_config_file("config", None,
-                                    "Eval config (`configs/eval/*.py[:variant]`).",
-                                    flag_values=flag_values, lock_config=True, sys_argv=argv)
-    flags.DEFINE_string("checkpoint", None,
-                        "Model checkpoint, training workdir or HF GroupViT folder.",
-                        flag_values=flag_values)
-    flags.DEFINE_string("output_dir", None, "results.json (and pictures) go here.",
-                        flag_values=flag_values)
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Eval config (`configs/eval/*.py[:variant]`).",
+        flag_values=flag_values,
+        lock_config=True,
+        sys_argv=argv,
+    )
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "Model checkpoint, training workdir or HF GroupViT folder.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "output_dir", None, "results.json (and pictures) go here.", flag_values=flag_values
+    )
     flags.mark_flags_as_required(["config", "checkpoint", "output_dir"], flag_values=flag_values)
 
 
@@ -71,8 +80,10 @@ def format_table(results: dict) -> str:
         row += [f"{_percent(baselines[n]['per_class_iou'][name]):>14}" for n in names]
         lines.append(f"{name:<{width}}  " + "  ".join(row))
     lines.append("-" * len(header))
-    lines.append(f"{'mIoU':<{width}}  {_percent(results['miou'])}  "
-                 + "  ".join(f"{_percent(baselines[n]['miou']):>14}" for n in names))
+    lines.append(
+        f"{'mIoU':<{width}}  {_percent(results['miou'])}  "
+        + "  ".join(f"{_percent(baselines[n]['miou']):>14}" for n in names)
+    )
     return "\n".join(lines)
 
 
@@ -85,25 +96,32 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, output_dir: str
     variables, model_config = api.load_variables(checkpoint)
     config.output_dir = output_dir
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
-    [(_, evaluator)] = evaluators.create(ml_collections.ConfigDict({"segmentation": config}),
-                                         model=groupvit.GroupViT(model_config), mesh=mesh,
-                                         config=None)
+    [(_, evaluator)] = evaluators.create(
+        ml_collections.ConfigDict({"segmentation": config}),
+        model=groupvit.GroupViT(model_config),
+        mesh=mesh,
+        config=None,
+    )
     results = evaluator.evaluate(variables)
-    results = _json_safe({"checkpoint": os.path.abspath(os.path.expanduser(checkpoint)),
-                          **results})
+    results = _json_safe({"checkpoint": os.path.abspath(os.path.expanduser(checkpoint)), **results})
     if jax.process_index() == 0:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2, allow_nan=False)
         print(format_table(results))
         thresh = results["bg_thresh"]
-        print(f"{results['dataset']}:{results['split']}, {results['num_images']} images, "
-              f"bg_thresh {thresh}"
-              + (f" (chosen on {config.bg_thresh_split})" if "bg_thresh_sweep" in results else "")
-              + f", {results['seconds']:.1f} s ({results['images_per_second']:.2f} images/s"
-              + (f"; {steady:.2f} after compilation" if (
-                  steady := results["images_per_second_after_compilation"]) else "")
-              + ")")
+        print(
+            f"{results['dataset']}:{results['split']}, {results['num_images']} images, "
+            f"bg_thresh {thresh}"
+            + (f" (chosen on {config.bg_thresh_split})" if "bg_thresh_sweep" in results else "")
+            + f", {results['seconds']:.1f} s ({results['images_per_second']:.2f} images/s"
+            + (
+                f"; {steady:.2f} after compilation"
+                if (steady := results["images_per_second_after_compilation"])
+                else ""
+            )
+            + ")"
+        )
         print(f"wrote {os.path.join(output_dir, 'results.json')}")
     return results
 

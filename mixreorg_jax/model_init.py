@@ -9,6 +9,7 @@ Sources:
   initialise ours; group tokens, grouping blocks, the post-patch LayerNorm, the final LayerNorm,
   the text tower and the projectors start fresh (method.md §3).
 """
+
 import json
 import re
 
@@ -38,12 +39,19 @@ _VIT_TYPES = ("vit", "deit")
 BACKBONE = r"params/vision/(patch_embed|patch_norm|position_embedding|stages_0/blocks_\d+)(/.*)?"
 
 
-def _vit_as_groupvit_tensors(tensors: dict, vit_config: dict,
-                             config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+def _vit_as_groupvit_tensors(
+    tensors: dict, vit_config: dict, config: ml_collections.ConfigDict
+) -> dict[str, np.ndarray]:
     """ViT/DeiT tensors renamed (and the position embedding reshaped) as HF GroupViT's."""
     # Classification checkpoints prefix the backbone ("vit.", "deit.").
-    prefix = next((p for p in ("", "vit.", "deit.")
-                   if f"{p}embeddings.patch_embeddings.projection.weight" in tensors), None)
+    prefix = next(
+        (
+            p
+            for p in ("", "vit.", "deit.")
+            if f"{p}embeddings.patch_embeddings.projection.weight" in tensors
+        ),
+        None,
+    )
     if prefix is None:
         raise ValueError("not a ViT/DeiT checkpoint: no embeddings.patch_embeddings.projection")
     problems = []
@@ -51,8 +59,9 @@ def _vit_as_groupvit_tensors(tensors: dict, vit_config: dict,
     if width != config.width:
         problems.append(f"width {width} != model width {config.width}")
     if layers != sum(config.depths):
-        problems.append(f"{layers} blocks != the model's {sum(config.depths)} (depths "
-                        f"{tuple(config.depths)})")
+        problems.append(
+            f"{layers} blocks != the model's {sum(config.depths)} (depths {tuple(config.depths)})"
+        )
     if vit_config.get("num_attention_heads") != config.num_heads:
         problems.append(f"{vit_config.get('num_attention_heads')} heads != {config.num_heads}")
     if vit_config.get("patch_size") != config.patch_size:
@@ -64,7 +73,8 @@ def _vit_as_groupvit_tensors(tensors: dict, vit_config: dict,
     embed = "vision_model.embeddings"
     for suffix in ("weight", "bias"):
         out[f"{embed}.patch_embeddings.projection.{suffix}"] = tensors[
-            f"{prefix}embeddings.patch_embeddings.projection.{suffix}"]
+            f"{prefix}embeddings.patch_embeddings.projection.{suffix}"
+        ]
     grid = config.image_size // config.patch_size
     pos = tensors[f"{prefix}embeddings.position_embeddings"][0]
     extra = pos.shape[0] - int(round(np.sqrt(pos.shape[0] - 1))) ** 2  # class (+ distillation)
@@ -80,14 +90,16 @@ def _vit_as_groupvit_tensors(tensors: dict, vit_config: dict,
         for j in range(depth):
             for vit_name, ours in _VIT_BLOCK.items():
                 for suffix in ("weight", "bias"):
-                    out[f"vision_model.encoder.stages.{stage}.layers.{j}.{ours}.{suffix}"] = \
+                    out[f"vision_model.encoder.stages.{stage}.layers.{j}.{ours}.{suffix}"] = (
                         tensors[f"{prefix}encoder.layer.{layer}.{vit_name}.{suffix}"]
+                    )
             layer += 1
     return out
 
 
-def _from_vit(shapes: dict, folder: epath.Path, vit_config: dict,
-              config: ml_collections.ConfigDict) -> dict:
+def _from_vit(
+    shapes: dict, folder: epath.Path, vit_config: dict, config: ml_collections.ConfigDict
+) -> dict:
     tensors = checkpoint_io.read_safetensors(str(folder / "model.safetensors"))
     names = convert.hf_name_map(config)
     loaded = {}
@@ -98,13 +110,20 @@ def _from_vit(shapes: dict, folder: epath.Path, vit_config: dict,
             raise ValueError(f"{hf_name}: shape {value.shape} does not fit {path} {shapes[path]}")
         loaded[path] = value
     fresh = sorted({p.rsplit("/", 1)[0] for p in shapes if p not in loaded})
-    logging.info("model_init from ViT %s: loaded %d tensors (patch and position embedding, %d "
-                 "blocks); fresh: %s", folder, len(loaded), sum(config.depths), ", ".join(fresh))
+    logging.info(
+        "model_init from ViT %s: loaded %d tensors (patch and position embedding, %d "
+        "blocks); fresh: %s",
+        folder,
+        len(loaded),
+        sum(config.depths),
+        ", ".join(fresh),
+    )
     return loaded
 
 
-def load_initial_variables(source: str, shapes: dict[str, tuple],
-                           config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+def load_initial_variables(
+    source: str, shapes: dict[str, tuple], config: ml_collections.ConfigDict
+) -> dict[str, np.ndarray]:
     """The tensors `source` provides, as {'params/...' or 'batch_stats/...': host array}.
 
     Args:
@@ -119,19 +138,26 @@ def load_initial_variables(source: str, shapes: dict[str, tuple],
         if hf_config.get("model_type") in _VIT_TYPES:
             return _from_vit(shapes, folder, hf_config, config)
     loaded = checkpoint_io.flatten_tree(api.load_variables(source)[0])
-    checkpoint_io.check_shapes({k: np.shape(v) for k, v in loaded.items()}, shapes,
-                               f"model_init {source}")
+    checkpoint_io.check_shapes(
+        {k: np.shape(v) for k, v in loaded.items()}, shapes, f"model_init {source}"
+    )
     logging.info("model_init: all %d tensors from %s", len(loaded), source)
     return loaded
 
 
-def initialize(state: dict, source: str, config: ml_collections.ConfigDict,
-               state_sharding: dict, load: str = ".*") -> dict:
+def initialize(
+    state: dict,
+    source: str,
+    config: ml_collections.ConfigDict,
+    state_sharding: dict,
+    load: str = ".*",
+) -> dict:
     """The train state with the model tensors that `source` provides replaced (same sharding).
 
     Only the tensors whose flat path `load` (a regex) fully matches are replaced, e.g.
     `BACKBONE` for the patch embedding and stage-1 blocks that `experiments.probe` pre-trains.
     """
+
     def model_part(tree):
         return {"params": tree["params"]["model"], "batch_stats": tree["batch_stats"]}
 
@@ -141,10 +167,17 @@ def initialize(state: dict, source: str, config: ml_collections.ConfigDict,
     loaded = {k: v for k, v in loaded.items() if re.fullmatch(load, k)}
     if not loaded:
         raise ValueError(f"model_init_load {load!r} matches none of the tensors in {source}")
-    logging.info("model_init_load %r: %d of the model's %d tensors from %s", load, len(loaded),
-                 len(current), source)
-    current.update({k: jax.device_put(v.astype(current[k].dtype), shardings[k])
-                    for k, v in loaded.items()})
+    logging.info(
+        "model_init_load %r: %d of the model's %d tensors from %s",
+        load,
+        len(loaded),
+        len(current),
+        source,
+    )
+    current.update(
+        {k: jax.device_put(v.astype(current[k].dtype), shardings[k]) for k, v in loaded.items()}
+    )
     new = checkpoint_io.unflatten_tree(current)
-    return dict(state, params=dict(state["params"], model=new["params"]),
-                batch_stats=new["batch_stats"])
+    return dict(
+        state, params=dict(state["params"], model=new["params"]), batch_stats=new["batch_stats"]
+    )

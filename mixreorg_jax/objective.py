@@ -8,6 +8,7 @@ Parameters are `{"model": <GroupViT params>, "multi_label_logit_scale": <0-d>}`:
 loss has its own learned temperature (unless `loss.share_temperature`), which is part of training,
 not of the exported model.
 """
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,8 +25,18 @@ def init_extra_params(log_scale: float) -> dict:
     return {"multi_label_logit_scale": jnp.asarray(log_scale, jnp.float32)}
 
 
-def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix_fns,
-             mixseg_assignment: str = "hard", segments: bool = False, restored: bool = True):
+def _forward(
+    module,
+    images,
+    texts,
+    plan,
+    *,
+    mix: ml_collections.ConfigDict,
+    mix_fns,
+    mixseg_assignment: str = "hard",
+    segments: bool = False,
+    restored: bool = True,
+):
     """Everything that touches parameters, in one `apply` so batch statistics update once.
 
     Returns the embeddings the losses need: original-branch image embeddings and soft
@@ -38,16 +49,27 @@ def _forward(module, images, texts, plan, *, mix: ml_collections.ConfigDict, mix
     text = module.encode_text(texts, train=True)["embedding"]
     if plan is None:
         orig = module.encode_image(images, train=True)
-        out = {"image": orig["embedding"], "text": text,
-               "soft_assignments": orig["soft_assignments"]}
+        out = {
+            "image": orig["embedding"],
+            "text": text,
+            "soft_assignments": orig["soft_assignments"],
+        }
     else:
-        out = _mixreorg_forward(module, images, plan, mix=mix, mix_fns=mix_fns,
-                                mixseg_assignment=mixseg_assignment, restored=restored)
+        out = _mixreorg_forward(
+            module,
+            images,
+            plan,
+            mix=mix,
+            mix_fns=mix_fns,
+            mixseg_assignment=mixseg_assignment,
+            restored=restored,
+        )
         orig = out.pop("original")
         out["text"] = text
     if segments:
-        out["segments"] = module.project_segments(orig["segments"], train=True,
-                                                  stats_from=orig["pooled"])
+        out["segments"] = module.project_segments(
+            orig["segments"], train=True, stats_from=orig["pooled"]
+        )
     return out
 
 
@@ -55,9 +77,17 @@ def _mixreorg_forward(module, images, plan, *, mix, mix_fns, mixseg_assignment, 
     """MixReorg's image branches and what its losses read of them (`_forward`)."""
     mix_fn, restore_fn = mix_fns
     branches = mixreorg.mixreorg_image_forward(
-        module, images, plan, contextual_depth=mix.contextual_depth,
-        progressive_weight=mix.progressive_weight, progressive_mode=mix.progressive_mode,
-        train=True, mix_fn=mix_fn, restore_fn=restore_fn, restored=restored)
+        module,
+        images,
+        plan,
+        contextual_depth=mix.contextual_depth,
+        progressive_weight=mix.progressive_weight,
+        progressive_mode=mix.progressive_mode,
+        train=True,
+        mix_fn=mix_fn,
+        restore_fn=restore_fn,
+        restored=restored,
+    )
     orig, mixed = branches["original"], branches["mixed"]
     # Each branch is normalised with its own batch statistics; only the original branch moves
     # the running averages used at evaluation.
@@ -65,14 +95,17 @@ def _mixreorg_forward(module, images, plan, *, mix, mix_fns, mixseg_assignment, 
         "original": orig,
         "image": module.project_image(orig["pooled"], train=True),
         "soft_assignments": orig["soft_assignments"],
-        "mixed_segments": module.project_segments(mixed["segments"], train=True,
-                                                  stats_from=mixed["pooled"]),
+        "mixed_segments": module.project_segments(
+            mixed["segments"], train=True, stats_from=mixed["pooled"]
+        ),
         "mixed_assignment": segmentation.chain_assignments(
-            mixed[f"{mixseg_assignment}_assignments"]),
+            mixed[f"{mixseg_assignment}_assignments"]
+        ),
     }
     if restored:
-        out["restored_image"] = module.project_image(branches["restored"]["pooled"], train=True,
-                                                     update_stats=False)
+        out["restored_image"] = module.project_image(
+            branches["restored"]["pooled"], train=True, update_stats=False
+        )
     return out
 
 
@@ -81,11 +114,14 @@ def _prompt_ids(batch, positives: str):
     if positives == "own":
         return None
     if positives != "same_word":
-        raise ValueError(f"loss.multi_label_positives must be 'own' or 'same_word', got "
-                         f"{positives!r}")
+        raise ValueError(
+            f"loss.multi_label_positives must be 'own' or 'same_word', got {positives!r}"
+        )
     if "prompt_ids" not in batch:
-        raise ValueError("loss.multi_label_positives='same_word' needs the batch's prompt_ids "
-                         "(the input pipeline makes them)")
+        raise ValueError(
+            "loss.multi_label_positives='same_word' needs the batch's prompt_ids "
+            "(the input pipeline makes them)"
+        )
     return batch["prompt_ids"]
 
 
@@ -103,8 +139,16 @@ def _word_text(batch, prompt_emb):
     return groupvit.l2_normalize(jnp.einsum("bp,bpd->bd", weights, prompt_emb))
 
 
-def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.ConfigDict,
-            mix_fns=(mixing.mix_tokens, mixing.restore_tokens)):
+def loss_fn(
+    params,
+    batch_stats,
+    batch,
+    rng,
+    *,
+    model,
+    config: ml_collections.ConfigDict,
+    mix_fns=(mixing.mix_tokens, mixing.restore_tokens),
+):
     """The total training loss.
 
     Args:
@@ -127,16 +171,20 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
     if config.mix.enabled:
         patch = config.model.patch_size
         grid = (images.shape[1] // patch, images.shape[2] // patch)
-        plan = mixing.mixing_plan(plan_rng, b, grid, config.mix.group_size,
-                                  config.mix.block_size)
+        plan = mixing.mixing_plan(plan_rng, b, grid, config.mix.group_size, config.mix.block_size)
     if config.loss.mixseg_assignment not in ("hard", "soft"):
-        raise ValueError(f"loss.mixseg_assignment must be 'hard' or 'soft', got "
-                         f"{config.loss.mixseg_assignment!r}")
+        raise ValueError(
+            f"loss.mixseg_assignment must be 'hard' or 'soft', got "
+            f"{config.loss.mixseg_assignment!r}"
+        )
     mixseg_text = config.loss.mixseg_text
     if mixseg_text not in ("caption", "prompts"):
         raise ValueError(f"loss.mixseg_text must be 'caption' or 'prompts', got {mixseg_text!r}")
-    needs_segments = bool(config.loss.segment_multi_label or config.loss.segment_retrieval
-                          or config.loss.unmatched_segments)
+    needs_segments = bool(
+        config.loss.segment_multi_label
+        or config.loss.segment_retrieval
+        or config.loss.unmatched_segments
+    )
     mixed_ml = plan is not None and config.loss.mixed_multi_label
     multi_label_terms = bool(config.loss.multi_label or needs_segments or mixed_ml)
     if not (multi_label_terms or plan is not None and mixseg_text == "prompts"):
@@ -145,11 +193,19 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
     texts = jnp.concatenate([tokens[:, None], prompts], axis=1).reshape(b * (1 + p), length)
 
     out, updates = model.apply(
-        {"params": params["model"], "batch_stats": batch_stats}, images, texts, plan,
-        mix=config.mix, mix_fns=mix_fns, mixseg_assignment=config.loss.mixseg_assignment,
-        segments=needs_segments, restored=bool(config.loss.restore), method=_forward,
+        {"params": params["model"], "batch_stats": batch_stats},
+        images,
+        texts,
+        plan,
+        mix=config.mix,
+        mix_fns=mix_fns,
+        mixseg_assignment=config.loss.mixseg_assignment,
+        segments=needs_segments,
+        restored=bool(config.loss.restore),
+        method=_forward,
         mutable=["batch_stats"],
-        rngs={"gumbel": gumbel_rng, "dropout": dropout_rng})
+        rngs={"gumbel": gumbel_rng, "dropout": dropout_rng},
+    )
 
     text = out["text"].reshape(b, 1 + p, -1)
     caption_emb, prompt_emb = text[:, 0], text[:, 1:]
@@ -162,35 +218,52 @@ def loss_fn(params, batch_stats, batch, rng, *, model, config: ml_collections.Co
         prompt_ids = _prompt_ids(batch, config.loss.multi_label_positives)
     if config.loss.multi_label:
         terms["multi_label"] = losses.multi_label_contrastive_loss(
-            out["image"], prompt_emb, ml_scale, prompt_ids)
+            out["image"], prompt_emb, ml_scale, prompt_ids
+        )
     if config.loss.segment_multi_label:
         terms["segment_multi_label"] = losses.multi_label_contrastive_loss(
-            out["segments"], prompt_emb, ml_scale, prompt_ids)
+            out["segments"], prompt_emb, ml_scale, prompt_ids
+        )
     if config.loss.segment_retrieval:
         terms["segment_retrieval"] = losses.segment_retrieval_loss(
-            out["segments"], prompt_emb, ml_scale, prompt_ids)
+            out["segments"], prompt_emb, ml_scale, prompt_ids
+        )
     if config.loss.unmatched_segments:
         terms["unmatched_segments"] = losses.unmatched_segment_loss(
-            out["segments"], prompt_emb, log_scale, prompt_ids)
+            out["segments"], prompt_emb, log_scale, prompt_ids
+        )
     if config.loss.group_balance:
         terms["group_balance"] = losses.group_balance_loss(out["soft_assignments"])
     if plan is not None:
         if config.loss.restore:  # At weight 0 the restored branch is not even run.
-            terms["restore"] = losses.contrastive_loss(out["restored_image"], caption_emb,
-                                                       log_scale)
+            terms["restore"] = losses.contrastive_loss(
+                out["restored_image"], caption_emb, log_scale
+            )
         if mixed_ml:
             # A mixed image shows its group's words: its prompts are the group members' (each
             # kept apart from other prompts by its position in the batch unless `same_word`).
-            ids = (jnp.arange(b * p, dtype=jnp.int32).reshape(b, p) if prompt_ids is None
-                   else jnp.asarray(prompt_ids))
+            ids = (
+                jnp.arange(b * p, dtype=jnp.int32).reshape(b, p)
+                if prompt_ids is None
+                else jnp.asarray(prompt_ids)
+            )
             k = plan.group_captions.shape[1]
             terms["mixed_multi_label"] = losses.multi_label_contrastive_loss(
-                out["mixed_segments"], prompt_emb[plan.group_captions].reshape(b, k * p, -1),
-                ml_scale, ids[plan.group_captions].reshape(b, k * p))
+                out["mixed_segments"],
+                prompt_emb[plan.group_captions].reshape(b, k * p, -1),
+                ml_scale,
+                ids[plan.group_captions].reshape(b, k * p),
+            )
         mixseg_emb = caption_emb if mixseg_text == "caption" else _word_text(batch, prompt_emb)
         terms["mixseg"] = losses.mixed_segmentation_loss(
-            out["mixed_assignment"], out["mixed_segments"], mixseg_emb, plan.source, log_scale,
-            group_size=config.mix.group_size, negatives=config.loss.mixseg_negatives)
+            out["mixed_assignment"],
+            out["mixed_segments"],
+            mixseg_emb,
+            plan.source,
+            log_scale,
+            group_size=config.mix.group_size,
+            negatives=config.loss.mixseg_negatives,
+        )
     weights = {name: config.loss[name] for name in terms}
     total, logs = losses.total_loss(terms, weights)
     logs["logit_scale"] = losses.logit_scale(log_scale)

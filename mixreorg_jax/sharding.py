@@ -5,12 +5,14 @@ split over both; parameters and optimiser state are split over `fsdp` (each larg
 its largest dimension that divides evenly) and replicated over `data`. With `fsdp=1` this is plain
 data parallelism.
 """
+
 import os
 
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -22,10 +24,12 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.shard
     fsdp = mesh_config.fsdp
     data = mesh_config.data if mesh_config.data != -1 else n // max(fsdp, 1)
     if fsdp < 1 or data < 1 or data * fsdp != n:
-        raise ValueError(f"mesh data={mesh_config.data} x fsdp={fsdp} does not cover the "
-                         f"{n} devices")
-    return jax.make_mesh((data, fsdp), BATCH_AXES, devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+        raise ValueError(
+            f"mesh data={mesh_config.data} x fsdp={fsdp} does not cover the {n} devices"
+        )
+    return jax.make_mesh(
+        (data, fsdp), BATCH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 2
+    )
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -37,7 +41,7 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def fsdp_sharding(tree, mesh: jax.sharding.Mesh, min_size: int = 2 ** 14):
+def fsdp_sharding(tree, mesh: jax.sharding.Mesh, min_size: int = 2**14):
     """Per-leaf shardings: big arrays split along their largest dimension divisible by `fsdp`.
 
     Args:
@@ -65,12 +69,14 @@ def global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
     """Assembles per-process numpy batches into global arrays split over the batch axes."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
 
 
 def define_distributed_flags():
     """Flags for starting `jax.distributed` by hand (clusters and TPU pods are auto-detected)."""
     from absl import flags
+
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
     flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
     flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
@@ -78,10 +84,12 @@ def define_distributed_flags():
 
 def _cluster_has_several_processes() -> bool:
     env = os.environ
-    return (int(env.get("SLURM_NTASKS", "1")) > 1
-            or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-            or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-            or "JAX_COORDINATOR_ADDRESS" in env)
+    return (
+        int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        or "JAX_COORDINATOR_ADDRESS" in env
+    )
 
 
 def initialize_distributed():
@@ -91,6 +99,7 @@ def initialize_distributed():
     `jax.distributed.initialize()` reads them. On CPU the collectives go through gloo.
     """
     from absl import flags
+
     fl = flags.FLAGS
     explicit = fl.num_processes is not None and fl.num_processes > 1
     if not explicit and not _cluster_has_several_processes():
@@ -98,8 +107,8 @@ def initialize_distributed():
     # Only the CPU backend reads this; without it CPU processes cannot run collectives together.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
-        jax.distributed.initialize(fl.coordinator_address, num_processes=fl.num_processes,
-                                   process_id=fl.process_id)
+        jax.distributed.initialize(
+            fl.coordinator_address, num_processes=fl.num_processes, process_id=fl.process_id
+        )
     else:
         jax.distributed.initialize()
-

@@ -13,6 +13,7 @@ Usage:
   tokenize = get_tokenizer(context_length=77)
   ids = tokenize(["a photo of a cat.", "a photo of a dog."])  # int32 [2, 77]
 """
+
 from __future__ import annotations
 
 import functools
@@ -157,10 +158,14 @@ def cached_vocab_dir(
     if not bpe_path.is_file():
         raise FileNotFoundError(f"CLIP BPE merges file not found: {bpe_path}")
     digest = hashlib.sha256(bpe_path.read_bytes()).hexdigest()[:16]
-    roots = [pathlib.Path(cache_root)] if cache_root is not None else [
-        _default_cache_root(),
-        pathlib.Path(tempfile.gettempdir()) / f"mixreorg_jax-{os.getuid()}" / "clip_bpe",
-    ]
+    roots = (
+        [pathlib.Path(cache_root)]
+        if cache_root is not None
+        else [
+            _default_cache_root(),
+            pathlib.Path(tempfile.gettempdir()) / f"mixreorg_jax-{os.getuid()}" / "clip_bpe",
+        ]
+    )
     write_errors = []
     for root in roots:
         final_dir = root / digest
@@ -285,7 +290,7 @@ class Tokenizer:
         return piece_ids
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_tokenizer(context_length: int = 77) -> Tokenizer:
     """The shared `Tokenizer` for `context_length`, built once per process."""
     return Tokenizer(context_length)

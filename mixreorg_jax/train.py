@@ -6,7 +6,7 @@ Every config field can be overridden (`--config.optim.lr=1e-3`). Multi-process r
 GPU clusters) start the same command on every host; `jax.distributed` is initialised when the
 environment (or `--num_processes`) says there is more than one process.
 """
-import functools
+
 import json
 import logging as pylogging
 import math
@@ -19,13 +19,21 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from ml_collections import config_flags
 
-from mixreorg_jax import checkpoint_io, checkpointing, evaluators, model_init, optim, sharding
-from mixreorg_jax import train_step
+from mixreorg_jax import (
+    checkpoint_io,
+    checkpointing,
+    evaluators,
+    model_init,
+    optim,
+    sharding,
+    train_step,
+)
 from mixreorg_jax.data import pipeline
 from mixreorg_jax.models import groupvit
 
-config_flags.DEFINE_config_file("config", None, "Train config file (`path.py:variant`).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Train config file (`path.py:variant`).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Checkpoints, logs and the exported model go here.")
 sharding.define_distributed_flags()
 
@@ -36,14 +44,18 @@ class TrainingDiverged(RuntimeError):
 
 def train_steps(config: ml_collections.ConfigDict, num_examples: int | None) -> tuple[int, int]:
     """(total, warm-up) steps from the config's steps or epochs."""
+
     def steps(n_steps, n_epochs, name):
         if n_epochs:
             if not num_examples:
                 raise ValueError(f"{name}_epochs needs a dataset of known size")
             return int(math.ceil(n_epochs * num_examples / config.data.batch_size))
         return int(n_steps)
-    return (steps(config.total_steps, config.total_epochs, "total"),
-            steps(config.warmup_steps, config.warmup_epochs, "warmup"))
+
+    return (
+        steps(config.total_steps, config.total_epochs, "total"),
+        steps(config.warmup_steps, config.warmup_epochs, "warmup"),
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -52,7 +64,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     writer = metric_writers.create_default_writer(
-        str(workdir / "tensorboard"), just_logging=not is_main)
+        str(workdir / "tensorboard"), just_logging=not is_main
+    )
     if is_main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
@@ -67,15 +80,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ---------------------------------------------------------------- Model and optimiser
     model = groupvit.GroupViT(config.model)
-    schedule = optim.make_schedule(config.optim, total_steps, warmup_steps,
-                                   config.data.batch_size)
+    schedule = optim.make_schedule(config.optim, total_steps, warmup_steps, config.data.batch_size)
     tx = optim.make_optimizer(config.optim, schedule)
     base_rng = jax.random.key(config.seed)
 
     init = train_step.make_init_fn(model, config, tx)
     abstract_state, state_sharding = train_step.abstract_state(init, base_rng, mesh)
-    update_fn = train_step.make_update_fn(model, config, tx, schedule, mesh, state_sharding,
-                                          base_rng)
+    update_fn = train_step.make_update_fn(
+        model, config, tx, schedule, mesh, state_sharding, base_rng
+    )
 
     # ---------------------------------------------------------------- Restore
     # Order: this workdir's latest checkpoint, else `config.resume` (another run), else
@@ -86,18 +99,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("resumed from %s at step %d", workdir, int(state["step"]))
     elif config.resume:
         state, _ = checkpointing.restore(
-            checkpointing.checkpoints_dir(config.resume), abstract_state, train_iter)
+            checkpointing.checkpoints_dir(config.resume), abstract_state, train_iter
+        )
         logging.info("resumed from %s at step %d", config.resume, int(state["step"]))
     else:
         state = jax.jit(init, out_shardings=state_sharding)(base_rng)
         if config.model_init:
-            state = model_init.initialize(state, config.model_init, config.model, state_sharding,
-                                         load=config.model_init_load)
+            state = model_init.initialize(
+                state, config.model_init, config.model, state_sharding, load=config.model_init_load
+            )
     first_step = int(state["step"])
 
     evals = evaluators.create(config.evals, model=model, mesh=mesh, config=config)
-    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                             every_steps=config.log_every_steps)
+    report = periodic_actions.ReportProgress(
+        num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+    )
     preemption = checkpointing.PreemptionWatch()
     metrics_file = (workdir / "metrics.jsonl").open("a") if is_main else None
 
@@ -124,8 +140,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if step % config.log_every_steps == 0 or step == total_steps:
                     now = time.time()
                     last = {k: float(v) for k, v in jax.device_get(terms).items()}
-                    last["examples_per_sec"] = ((step - tick_step) * config.data.batch_size
-                                                / (now - tick))
+                    last["examples_per_sec"] = (
+                        (step - tick_step) * config.data.batch_size / (now - tick)
+                    )
                     tick, tick_step = now, step
                     write(step, last)
 
@@ -150,7 +167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             checkpoint_io.save_model(
                 str(workdir / "export"),
                 {"params": state["params"]["model"], "batch_stats": state["batch_stats"]},
-                config.model)
+                config.model,
+            )
     finally:
         # Also when the run fails (e.g. diverges): the caller's SIGTERM handling is back.
         preemption.close()
@@ -166,14 +184,17 @@ def check_finite(step: int, terms: dict, manager) -> None:
         manager.wait_until_finished()  # The checkpoint named below is complete on disk.
         raise TrainingDiverged(
             f"non-finite loss at step {step}: {terms}; last good checkpoint: "
-            f"step {manager.latest_step()} in {manager.directory}")
+            f"step {manager.latest_step()} in {manager.directory}"
+        )
 
 
 def quiet_orbax_logs():
     """Orbax logs every file it writes at INFO; keep its warnings, drop the chatter."""
+
     class _Filter(pylogging.Filter):
         def filter(self, record):
             return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
     logging.get_absl_handler().addFilter(_Filter())
 
 
@@ -188,7 +209,7 @@ def one_line(error: Exception, max_details: int = 3) -> str:
     if any(line.startswith("Traceback (most recent call last)") for line in lines):
         lines = [lines[0], lines[-1]]
     more = len(lines) - 1 - max_details
-    return "; ".join(lines[:1 + max_details]) + (f"; ... ({more} more)" if more > 0 else "")
+    return "; ".join(lines[: 1 + max_details]) + (f"; ... ({more} more)" if more > 0 else "")
 
 
 def _missing_config_field(error: Exception) -> str | None:
@@ -211,11 +232,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError) as e:
         message = _missing_config_field(e) or str(e)
         key = message.splitlines()[0].strip("'\"")
-        culprit = [a for a in argv[1:] if a.startswith("--config.")
-                   and key in a.split("=")[0].split(".")]
+        culprit = [
+            a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")
+        ]
         where = culprit[0] if culprit else "a --config override"
-        raise SystemExit(f"error: {where}: no such config field "
-                         f"{one_line(ValueError(message))}") from None
+        raise SystemExit(
+            f"error: {where}: no such config field {one_line(ValueError(message))}"
+        ) from None
     except (flags.Error, TypeError, ValueError) as e:
         raise SystemExit(f"error: {one_line(e)}") from None
 

@@ -3,6 +3,7 @@
 Configs are locked `ml_collections.ConfigDict`s: a command-line override of a key that does not
 exist (`--config.optim.lrr=1`) fails, naming the key.
 """
+
 import dataclasses
 import runpy
 
@@ -38,8 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = pipeline.get_config_defaults()
     c.data.datasets = [dict(synthetic=True, split="train", weight=1.0)]
     c.data.synthetic_dir = "~/tensorflow_datasets/mixreorg_synthetic"
-    c.data.synthetic_world = ml_collections.ConfigDict(
-        dataclasses.asdict(synthetic.WorldConfig()))
+    c.data.synthetic_world = ml_collections.ConfigDict(dataclasses.asdict(synthetic.WorldConfig()))
     c.data.batch_size = 64
 
     # Duration: steps, or epochs of the (first) training dataset when > 0.
@@ -48,14 +48,31 @@ def base_config() -> ml_collections.ConfigDict:
     c.warmup_steps = 100
     c.warmup_epochs = 0.0
 
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=1.6e-3, warmup_lr=4e-6, min_lr=4e-5, scale_lr_by_batch=True,
-        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=5.0))
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=1.6e-3,
+            warmup_lr=4e-6,
+            min_lr=4e-5,
+            scale_lr_by_batch=True,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.05,
+            grad_clip=5.0,
+        )
+    )
 
     # MixReorg (method.md §4); enabled=False is plain GroupViT training.
-    c.mix = ml_collections.ConfigDict(dict(
-        enabled=True, group_size=2, block_size=1, contextual_depth=1,
-        progressive_weight=1.0, progressive_mode="add"))
+    c.mix = ml_collections.ConfigDict(
+        dict(
+            enabled=True,
+            group_size=2,
+            block_size=1,
+            contextual_depth=1,
+            progressive_weight=1.0,
+            progressive_mode="add",
+        )
+    )
 
     # Loss weights; a weight of 0 skips the term. group_balance (ours, losses.group_balance_loss):
     # confident token -> group assignments and evenly used groups, against grouping collapse.
@@ -73,11 +90,24 @@ def base_config() -> ml_collections.ConfigDict:
     # equally, the evaluation's background (losses.unmatched_segment_loss). share_temperature
     # (GroupViT's option): the multi-label terms use the image-text logit scale, the evaluation's,
     # instead of their own.
-    c.loss = ml_collections.ConfigDict(dict(
-        contrastive=1.0, multi_label=1.0, multi_label_positives="own", restore=1.0, mixseg=1.0,
-        mixseg_negatives="group", mixseg_assignment="hard", mixseg_text="caption",
-        group_balance=0.0, segment_multi_label=0.0, mixed_multi_label=0.0,
-        segment_retrieval=0.0, unmatched_segments=0.0, share_temperature=False))
+    c.loss = ml_collections.ConfigDict(
+        dict(
+            contrastive=1.0,
+            multi_label=1.0,
+            multi_label_positives="own",
+            restore=1.0,
+            mixseg=1.0,
+            mixseg_negatives="group",
+            mixseg_assignment="hard",
+            mixseg_text="caption",
+            group_balance=0.0,
+            segment_multi_label=0.0,
+            mixed_multi_label=0.0,
+            segment_retrieval=0.0,
+            unmatched_segments=0.0,
+            share_temperature=False,
+        )
+    )
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
@@ -134,14 +164,21 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         c.model.weight_init = "lecun_normal"  # GroupViT's std 0.02 is made for width 384
         c.data.batch_size = 64
         # Objects wear their class's texture, so one 4 px patch can show its class.
-        c.data.synthetic_world.update(dict(image_size=32, class_texture_prob=1.0,
-                                           train_size=20_000, validation_size=500,
-                                           test_size=500))
+        c.data.synthetic_world.update(
+            dict(
+                image_size=32,
+                class_texture_prob=1.0,
+                train_size=20_000,
+                validation_size=500,
+                test_size=500,
+            )
+        )
         # Whole shapes carry the caption's meaning: crops keep most of the image. No flips:
         # captions say "to the left of", and the class textures' two diagonal stripes are each
         # other's mirror image (a flipped triangle wears the star's).
-        c.data.augment.update(dict(crop_scale=(0.6, 1.0), flip=False, randaugment=False,
-                                   random_erasing=0.0))
+        c.data.augment.update(
+            dict(crop_scale=(0.6, 1.0), flip=False, randaugment=False, random_erasing=0.0)
+        )
         # 1200 steps: the quick start takes 6-7 minutes on 2 CPU cores
         # (docs/synthetic_learnability.md §10); at 400 neither model knows the class names (§7).
         c.total_steps, c.warmup_steps = 1200, 40
@@ -154,8 +191,15 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         c.loss.update(dict(multi_label_positives="same_word", group_balance=1.0))
         # Ours (§9-11): the caption's words also score the image's segments, all on the
         # evaluation's logit scale; no caption-contrastive terms (so no restoration loss).
-        c.loss.update(dict(contrastive=0.0, restore=0.0, segment_multi_label=1.0,
-                           segment_retrieval=1.0, share_temperature=True))
+        c.loss.update(
+            dict(
+                contrastive=0.0,
+                restore=0.0,
+                segment_multi_label=1.0,
+                segment_retrieval=1.0,
+                share_temperature=True,
+            )
+        )
         # A `model_init` gives the demo only its backbone, as ImageNet weights give MixReorg's
         # (method.md §3): the patch embedding and stage-1 blocks, pre-trained on the world's
         # image-level labels by `experiments.probe --export` (launch/local.sh does it first).
@@ -166,8 +210,9 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         c.model = presets.get_model_config("tiny")
         c.data.batch_size = 16
         c.data.synthetic_dir = "/tmp/mixreorg_tiny_synthetic"
-        c.data.synthetic_world.update(dict(image_size=32, train_size=256, validation_size=16,
-                                           test_size=16))
+        c.data.synthetic_world.update(
+            dict(image_size=32, train_size=256, validation_size=16, test_size=16)
+        )
         c.total_steps, c.warmup_steps = 6, 2
         c.optim.lr, c.optim.scale_lr_by_batch = 1e-3, False
         c.log_every_steps = 2

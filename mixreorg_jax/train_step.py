@@ -3,6 +3,7 @@
 The state is a dict pytree: `step`, `params` ({"model", "multi_label_logit_scale"}),
 `batch_stats` and `opt_state`. Its layout on the mesh comes from `sharding.fsdp_sharding`.
 """
+
 import functools
 
 import jax
@@ -16,16 +17,25 @@ from mixreorg_jax.ops import mixing
 
 def make_init_fn(model, config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
     """`init(rng) -> state`, for `jax.eval_shape` and a jitted, already-sharded init."""
+
     def init(rng):
         size = config.model.image_size
         variables = model.init(
             {"params": rng, "gumbel": rng, "dropout": rng},
             jnp.zeros((1, size, size, config.model.num_channels), jnp.float32),
-            jnp.zeros((1, config.model.context_length), jnp.int32))
-        params = {"model": variables["params"],
-                  **objective.init_extra_params(config.model.logit_scale_init)}
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "batch_stats": variables["batch_stats"], "opt_state": tx.init(params)}
+            jnp.zeros((1, config.model.context_length), jnp.int32),
+        )
+        params = {
+            "model": variables["params"],
+            **objective.init_extra_params(config.model.logit_scale_init),
+        }
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "batch_stats": variables["batch_stats"],
+            "opt_state": tx.init(params),
+        }
+
     return init
 
 
@@ -33,8 +43,9 @@ def abstract_state(init_fn, rng, mesh: jax.sharding.Mesh):
     """(shape/dtype/sharding structs of the state, its shardings), without allocating it."""
     shapes = jax.eval_shape(init_fn, rng)
     shardings = sharding.fsdp_sharding(shapes, mesh)
-    structs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                           shapes, shardings)
+    structs = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
     return structs, shardings
 
 
@@ -44,35 +55,47 @@ def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     if batch % devices:
         raise ValueError(f"data.batch_size={batch} is not divisible by the {devices} devices")
     if config.mix.enabled and (batch // devices) % config.mix.group_size:
-        raise ValueError(f"the per-device batch {batch // devices} is not divisible by "
-                         f"mix.group_size={config.mix.group_size}")
+        raise ValueError(
+            f"the per-device batch {batch // devices} is not divisible by "
+            f"mix.group_size={config.mix.group_size}"
+        )
 
 
-def make_update_fn(model, config: ml_collections.ConfigDict, tx, schedule, mesh, state_shardings,
-                   base_rng):
+def make_update_fn(
+    model, config: ml_collections.ConfigDict, tx, schedule, mesh, state_shardings, base_rng
+):
     """A jitted `update(state, batch) -> (state, metrics)` that donates the old state.
 
     The step's randomness is `fold_in(base_rng, step)`, so a resumed run draws what an
     uninterrupted one would. Mixing runs per device (`jax.shard_map`): each device mixes within
     its own slice of the batch.
     """
-    mix_fns = (functools.partial(mixing.mix_tokens_sharded, mesh=mesh,
-                                 batch_axes=sharding.BATCH_AXES),
-               functools.partial(mixing.restore_tokens_sharded, mesh=mesh,
-                                 batch_axes=sharding.BATCH_AXES))
+    mix_fns = (
+        functools.partial(mixing.mix_tokens_sharded, mesh=mesh, batch_axes=sharding.BATCH_AXES),
+        functools.partial(mixing.restore_tokens_sharded, mesh=mesh, batch_axes=sharding.BATCH_AXES),
+    )
     loss_fn = functools.partial(objective.loss_fn, model=model, config=config, mix_fns=mix_fns)
 
-    @functools.partial(jax.jit, donate_argnums=0,
-                       out_shardings=(state_shardings, sharding.replicated(mesh)))
+    @functools.partial(
+        jax.jit, donate_argnums=0, out_shardings=(state_shardings, sharding.replicated(mesh))
+    )
     def update_fn(state, batch):
         rng = jax.random.fold_in(base_rng, state["step"])
         (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["batch_stats"], batch, rng)
+            state["params"], state["batch_stats"], batch, rng
+        )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads),
-                   "learning_rate": schedule(state["step"])}
-        return {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats,
-                "opt_state": opt_state}, metrics
+        metrics = {
+            **metrics,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state["step"]),
+        }
+        return {
+            "step": state["step"] + 1,
+            "params": params,
+            "batch_stats": batch_stats,
+            "opt_state": opt_state,
+        }, metrics
 
     return update_fn

@@ -6,6 +6,7 @@ Colours come from `label_palette`: background (label 0 of sets that have one) bl
 its own colour, 255 (ignore) white. Figures are drawn with matplotlib's object API (no pyplot
 state, no display needed).
 """
+
 import colorsys
 import os
 
@@ -57,8 +58,14 @@ def save_label_png(path: str, labels: np.ndarray, palette: np.ndarray) -> None:
     image.save(path)
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, *, alpha: float = 0.5,
-            background: int | None = 0) -> np.ndarray:
+def overlay(
+    image: np.ndarray,
+    labels: np.ndarray,
+    palette: np.ndarray,
+    *,
+    alpha: float = 0.5,
+    background: int | None = 0,
+) -> np.ndarray:
     """uint8[H, W, 3]: `image` blended with the label colours, `background` pixels left as is."""
     image = np.asarray(image, np.float32)
     coloured = colourise(labels, palette).astype(np.float32)
@@ -71,30 +78,48 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, *, alpha
 def group_colours(num_ids: int) -> np.ndarray:
     """uint8[num_ids, 3]: distinct saturated colours (hues spaced by the golden ratio)."""
     hues = (np.arange(num_ids) * 0.618033988749895) % 1.0
-    return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.7, 0.95)] for h in hues],
-                    np.uint8).reshape(num_ids, 3)
+    return np.array(
+        [[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.7, 0.95)] for h in hues], np.uint8
+    ).reshape(num_ids, 3)
 
 
 def _legend_handles(class_names, palette, labels_shown):
-    present = sorted({int(v) for labels in labels_shown for v in np.unique(labels)}
-                     - {IGNORE_LABEL})
-    return [Patch(facecolor=palette[v] / 255.0, edgecolor="black", linewidth=0.5,
-                  label=class_names[v] if v < len(class_names) else str(v)) for v in present]
+    present = sorted(
+        {int(v) for labels in labels_shown for v in np.unique(labels)} - {IGNORE_LABEL}
+    )
+    return [
+        Patch(
+            facecolor=palette[v] / 255.0,
+            edgecolor="black",
+            linewidth=0.5,
+            label=class_names[v] if v < len(class_names) else str(v),
+        )
+        for v in present
+    ]
 
 
 def _panel_figure(panels: list[tuple[str, np.ndarray]], legend=None) -> Figure:
     height, width = panels[0][1].shape[:2]
     panel_inches = 3.0
     legend_inches = 1.8 if legend else 0.0
-    fig = Figure(figsize=(len(panels) * panel_inches * max(width / height, 0.5) + legend_inches,
-                          panel_inches + 0.4))
+    fig = Figure(
+        figsize=(
+            len(panels) * panel_inches * max(width / height, 0.5) + legend_inches,
+            panel_inches + 0.4,
+        )
+    )
     axes = fig.subplots(1, len(panels))
     for ax, (title, picture) in zip(np.atleast_1d(axes), panels):
         ax.imshow(picture, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.set_axis_off()
-    fig.subplots_adjust(left=0.01, bottom=0.01, top=0.9, wspace=0.04,
-                        right=1 - legend_inches / fig.get_figwidth() - 0.01)
+    fig.subplots_adjust(
+        left=0.01,
+        bottom=0.01,
+        top=0.9,
+        wspace=0.04,
+        right=1 - legend_inches / fig.get_figwidth() - 0.01,
+    )
     if legend:
         fig.legend(handles=legend, loc="center right", fontsize=7, frameon=False)
     return fig
@@ -105,13 +130,25 @@ def _save(fig: Figure, path: str) -> None:
     fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.05)
 
 
-def save_comparison(path: str, image: np.ndarray, prediction: np.ndarray, label: np.ndarray,
-                    class_names, palette: np.ndarray) -> None:
+def save_comparison(
+    path: str,
+    image: np.ndarray,
+    prediction: np.ndarray,
+    label: np.ndarray,
+    class_names,
+    palette: np.ndarray,
+) -> None:
     """PNG of the image, the predicted mask and the ground truth side by side, with a legend of
     the classes that occur in either mask (white: ignored pixels)."""
     legend = _legend_handles(class_names, palette, (prediction, label))
-    fig = _panel_figure([("image", image), ("prediction", colourise(prediction, palette)),
-                         ("ground truth", colourise(label, palette))], legend)
+    fig = _panel_figure(
+        [
+            ("image", image),
+            ("prediction", colourise(prediction, palette)),
+            ("ground truth", colourise(label, palette)),
+        ],
+        legend,
+    )
     _save(fig, path)
 
 
@@ -123,8 +160,9 @@ def save_grouping(path: str, image: np.ndarray, groups: np.ndarray) -> None:
     ids, dense = np.unique(groups, return_inverse=True)
     coloured = group_colours(len(ids))[dense.reshape(groups.shape)]
     blend = np.round(0.5 * np.asarray(image, np.float32) + 0.5 * coloured).astype(np.uint8)
-    fig = _panel_figure([("image", image), (f"groups ({len(ids)})", coloured),
-                         ("groups over image", blend)])
+    fig = _panel_figure(
+        [("image", image), (f"groups ({len(ids)})", coloured), ("groups over image", blend)]
+    )
     _save(fig, path)
 
 

@@ -1,4 +1,5 @@
 """Test set-up: 8 fake CPU devices for the whole suite (single-device tests use device 0)."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

@@ -1,4 +1,5 @@
 """The benchmark's memory report: what the forward pass saves for the backward pass."""
+
 import pathlib
 
 import jax
@@ -39,5 +40,6 @@ def test_devices_given_ahead_of_time_get_an_abstract_batch_of_the_same_shapes():
         assert (shapes[name].shape, shapes[name].dtype) == (array.shape, array.dtype), name
         assert shapes[name].sharding == array.sharding, name
     with jax.set_mesh(mesh):
-        assert (benchmark.saved_for_backward_bytes(config, abstract, shapes)
-                == benchmark.saved_for_backward_bytes(config, abstract, concrete))
+        assert benchmark.saved_for_backward_bytes(
+            config, abstract, shapes
+        ) == benchmark.saved_for_backward_bytes(config, abstract, concrete)

@@ -1,4 +1,5 @@
 """Preparing real image-caption data (data/captions.py, data/words.py) from tiny fixture trees."""
+
 import io
 import json
 import os
@@ -16,8 +17,18 @@ from tensorflow_datasets.proto import tf_example_pb2
 from mixreorg_jax.data import captions
 from mixreorg_jax.data import words as words_lib
 
-FAKE_TAGS = {"dog": "NN", "dogs": "NNS", "cat": "NN", "park": "NN", "Paris": "NNP",
-             "runs": "VBZ", "running": "VBG", "sat": "VBD", "big": "JJ", "the": "DT"}
+FAKE_TAGS = {
+    "dog": "NN",
+    "dogs": "NNS",
+    "cat": "NN",
+    "park": "NN",
+    "Paris": "NNP",
+    "runs": "VBZ",
+    "running": "VBG",
+    "sat": "VBD",
+    "big": "JJ",
+    "the": "DT",
+}
 
 
 def fake_tagger(tokens):
@@ -86,12 +97,18 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes):
 
 def test_candidate_words_tags_lowercase_and_dedupe():
     caption = "The big dog runs, the Dog sat in Paris with 2 cats and dogs!"
-    assert words_lib.candidate_words(caption, fake_tagger) == ["dog", "runs", "sat", "paris",
-                                                               "dogs"]
+    assert words_lib.candidate_words(caption, fake_tagger) == [
+        "dog",
+        "runs",
+        "sat",
+        "paris",
+        "dogs",
+    ]
     assert words_lib.candidate_words("", fake_tagger) == []
     # Punctuation or digits tagged as nouns are not words.
     assert words_lib.candidate_words("dog 2019 ...", lambda toks: [(t, "NN") for t in toks]) == [
-        "dog"]
+        "dog"
+    ]
 
 
 def test_missing_tagger_data_says_how_to_install(monkeypatch):
@@ -100,8 +117,9 @@ def test_missing_tagger_data_says_how_to_install(monkeypatch):
 
     monkeypatch.setattr(words_lib.nltk.tag, "PerceptronTagger", missing)
     words_lib.nltk_tagger.cache_clear()
-    with pytest.raises(RuntimeError, match="python -m nltk.downloader "
-                                           "averaged_perceptron_tagger_eng"):
+    with pytest.raises(
+        RuntimeError, match="python -m nltk.downloader averaged_perceptron_tagger_eng"
+    ):
         words_lib.candidate_words("a dog")
     words_lib.nltk_tagger.cache_clear()
 
@@ -109,8 +127,9 @@ def test_missing_tagger_data_says_how_to_install(monkeypatch):
 def test_expand_sources_braces_and_globs(tmp_path):
     for i in range(3):
         (tmp_path / f"{i:05d}.tar").write_bytes(b"")
-    names = [os.path.basename(f) for f in
-             captions.expand_sources(str(tmp_path / "{00000..00001}.tar"))]
+    names = [
+        os.path.basename(f) for f in captions.expand_sources(str(tmp_path / "{00000..00001}.tar"))
+    ]
     assert names == ["00000.tar", "00001.tar"]
     assert len(captions.expand_sources([str(tmp_path / "*.tar")])) == 3
     with pytest.raises(FileNotFoundError, match="00007"):
@@ -146,12 +165,19 @@ def test_webdataset_tar_round_trip_with_bad_samples(tmp_path):
         add_member(tar, "0202.jpg", grey)
         add_member(tar, "0202.txt", b"a grey dog sat")
 
-    directory = captions.prepare("shards", str(tmp_path / "{00000..00000}.tar"),
-                                 data_dir=str(tmp_path / "tfds"), tag=fake_tagger)
+    directory = captions.prepare(
+        "shards",
+        str(tmp_path / "{00000..00000}.tar"),
+        data_dir=str(tmp_path / "tfds"),
+        tag=fake_tagger,
+    )
     records = read_back(directory)
     expected = {caption: image for image, caption in good.values()}
-    assert set(records) == set(expected) | {"a CMYK cat", "a palette cat \u00e9t\u00e9",
-                                            "a grey dog sat"}
+    assert set(records) == set(expected) | {
+        "a CMYK cat",
+        "a palette cat \u00e9t\u00e9",
+        "a grey dog sat",
+    }
     for caption, image in expected.items():
         assert records[caption]["image"] == image  # stored as is, not re-encoded
         assert records[caption]["words"] == ["dog", "runs", "park"]
@@ -196,18 +222,30 @@ def test_folder_with_tsv_csv_and_jsonl(tmp_path):
         b"img2.jpg\t\n"
         b"img1.jpg\tcaf\xe9 (Latin-1)\n"
         b"pic.png\ta cat in Paris\n"
-        b"img0.jpg\ta second caption of the cat\n")
+        b"img0.jpg\ta second caption of the cat\n"
+    )
     (folder / "more.jsonl").write_text(
-        json.dumps({"file": "img2.jpg", "caption": "a cat (jsonl)"}) + "\n\n")
+        json.dumps({"file": "img2.jpg", "caption": "a cat (jsonl)"}) + "\n\n"
+    )
     (folder / "more.csv").write_text('filename,text\nimg1.jpg,"a dog, big (csv)"\n')
 
     directory = captions.prepare(
-        "folder", [str(folder / "captions.tsv"), str(folder / "more.*")],
-        data_dir=str(tmp_path / "tfds"), tag=fake_tagger)
+        "folder",
+        [str(folder / "captions.tsv"), str(folder / "more.*")],
+        data_dir=str(tmp_path / "tfds"),
+        tag=fake_tagger,
+    )
     records = read_back(directory)
-    assert sorted(records) == sorted(["the cat sat in the park", "dogs running", "a cat in Paris",
-                                      "a second caption of the cat", "a cat (jsonl)",
-                                      "a dog, big (csv)"])
+    assert sorted(records) == sorted(
+        [
+            "the cat sat in the park",
+            "dogs running",
+            "a cat in Paris",
+            "a second caption of the cat",
+            "a cat (jsonl)",
+            "a dog, big (csv)",
+        ]
+    )
     assert records["a second caption of the cat"]["image"] == images["img0.jpg"]
     assert records["the cat sat in the park"]["image"] == images["img0.jpg"]
     assert records["the cat sat in the park"]["words"] == ["cat", "sat", "park"]
@@ -222,22 +260,26 @@ def test_folder_with_tsv_csv_and_jsonl(tmp_path):
 
 
 def test_parquet_and_tfrecord_like_img2dataset(tmp_path):
-    table = pa.table({
-        "key": ["000", "001", "002"],
-        "jpg": [jpeg(50), None, jpeg(52)],  # img2dataset leaves failed downloads empty
-        "caption": ["a dog in the park", "a lost cat", "a cat sat"],
-    })
+    table = pa.table(
+        {
+            "key": ["000", "001", "002"],
+            "jpg": [jpeg(50), None, jpeg(52)],  # img2dataset leaves failed downloads empty
+            "caption": ["a dog in the park", "a lost cat", "a cat sat"],
+        }
+    )
     pq.write_table(table, tmp_path / "00000.parquet")
     with open(tmp_path / "00000.tfrecord", "wb") as f:
-        for key, image, caption in (("100", jpeg(60), b"dogs running"),
-                                    ("101", jpeg(61), b"")):
+        for key, image, caption in (("100", jpeg(60), b"dogs running"), ("101", jpeg(61), b"")):
             example = tf_example_pb2.Example()
             for name, value in (("key", key.encode()), ("jpg", image), ("txt", caption)):
                 example.features.feature[name].bytes_list.value.append(value)
             f.write(tfrecord(example.SerializeToString()))
     directory = captions.prepare(
-        "img2dataset_outputs", [str(tmp_path / "*.parquet"), str(tmp_path / "*.tfrecord")],
-        data_dir=str(tmp_path / "tfds"), tag=fake_tagger)
+        "img2dataset_outputs",
+        [str(tmp_path / "*.parquet"), str(tmp_path / "*.tfrecord")],
+        data_dir=str(tmp_path / "tfds"),
+        tag=fake_tagger,
+    )
     records = read_back(directory)
     assert sorted(records) == ["a cat sat", "a dog in the park", "dogs running"]
     assert records["a dog in the park"]["image"] == jpeg(50)
@@ -259,23 +301,39 @@ def test_command_line_and_worker_processes(tmp_path, monkeypatch, capsys):
     (tmp_path / "00003.parquet").write_bytes(b"PAR1 but not really")
     # The command line uses NLTK's tagger; here the fake one stands in for it.
     monkeypatch.setattr(words_lib, "nltk_tagger", lambda: fake_tagger)
-    captions.main(["--source", str(tmp_path / "{00000..00001}.tar"), "--data_dir",
-                   str(tmp_path / "tfds"), "--name", "cli"])
+    captions.main(
+        [
+            "--source",
+            str(tmp_path / "{00000..00001}.tar"),
+            "--data_dir",
+            str(tmp_path / "tfds"),
+            "--name",
+            "cli",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["skipped_corrupt_image"] == 0 and summary["counts"]["train"]["examples"] == 6
     records = read_back(summary["dir"])
     assert sorted(records) == sorted(f"cat {s} {i}" for s in range(2) for i in range(3))
     assert all(r["words"] == ["cat"] for r in records.values())
     damaged = captions.prepare(
-        "damaged", [str(tmp_path / "00002.tar"), str(tmp_path / "00003.parquet")],
-        data_dir=str(tmp_path / "tfds"), tag=fake_tagger)
+        "damaged",
+        [str(tmp_path / "00002.tar"), str(tmp_path / "00003.parquet")],
+        data_dir=str(tmp_path / "tfds"),
+        tag=fake_tagger,
+    )
     counts = tfds.builder_from_directory(damaged).info.metadata["counts"]["train"]
     assert counts["unreadable_source"] == 2 and 0 < counts["examples"] < 3
     assert set(read_back(damaged)) < {f"cat 1 {i}" for i in range(3)}
 
     # Two worker processes give the same dataset.
-    directory = captions.prepare("workers", str(tmp_path / "0000[01].tar"),
-                                 data_dir=str(tmp_path / "tfds"), tag=fake_tagger, num_workers=2)
+    directory = captions.prepare(
+        "workers",
+        str(tmp_path / "0000[01].tar"),
+        data_dir=str(tmp_path / "tfds"),
+        tag=fake_tagger,
+        num_workers=2,
+    )
     assert read_back(directory) == records
 
 
@@ -284,5 +342,6 @@ def test_bad_name_and_unknown_source_type(tmp_path):
         captions.caption_builder("CC-12M", "x.tar", data_dir=str(tmp_path))
     (tmp_path / "data.zip").write_bytes(b"")
     with pytest.raises(ValueError, match="unknown source type"):
-        captions.prepare("zipped", str(tmp_path / "data.zip"), data_dir=str(tmp_path / "tfds"),
-                         tag=fake_tagger)
+        captions.prepare(
+            "zipped", str(tmp_path / "data.zip"), data_dir=str(tmp_path / "tfds"), tag=fake_tagger
+        )

@@ -4,6 +4,7 @@ torch and transformers are the reference here only; the conversion itself never 
 Graphs are compiled with XLA's CPU optimisation level 0 (several times faster to compile; the
 numerics agree with the default level far inside the 1e-4 tolerance).
 """
+
 import functools
 import json
 import os
@@ -18,32 +19,74 @@ from mixreorg_jax import checkpoint_io, convert
 from mixreorg_jax.models import groupvit, presets
 
 EOT = 49407
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                       "xla_llvm_disable_expensive_passes": True})
+fast_jit = functools.partial(
+    jax.jit,
+    compiler_options={
+        "xla_backend_optimization_level": 0,
+        "xla_llvm_disable_expensive_passes": True,
+    },
+)
 
 
-def _small_hf_config(width=32, heads=2, depths=(2, 1, 1), group_tokens=(8, 4, 0), output_groups=(8, 4, 4),
-                     image_size=32, patch_size=4, mlp=4, assign_mlp_ratio=(0.5, 4), text_width=32,
-                     text_layers=2, text_heads=2, context=16, projection=(32, 64)):
+def _small_hf_config(
+    width=32,
+    heads=2,
+    depths=(2, 1, 1),
+    group_tokens=(8, 4, 0),
+    output_groups=(8, 4, 4),
+    image_size=32,
+    patch_size=4,
+    mlp=4,
+    assign_mlp_ratio=(0.5, 4),
+    text_width=32,
+    text_layers=2,
+    text_heads=2,
+    context=16,
+    projection=(32, 64),
+):
     return transformers.GroupViTConfig(
-        text_config=dict(hidden_size=text_width, intermediate_size=mlp * text_width,
-                         num_hidden_layers=text_layers, num_attention_heads=text_heads,
-                         max_position_embeddings=context),
-        vision_config=dict(hidden_size=width, intermediate_size=mlp * width, depths=list(depths),
-                           num_hidden_layers=sum(depths), num_group_tokens=list(group_tokens),
-                           num_output_groups=list(output_groups), num_attention_heads=heads,
-                           image_size=image_size, patch_size=patch_size,
-                           assign_mlp_ratio=list(assign_mlp_ratio)),
-        projection_dim=projection[0], projection_intermediate_dim=projection[1])
+        text_config=dict(
+            hidden_size=text_width,
+            intermediate_size=mlp * text_width,
+            num_hidden_layers=text_layers,
+            num_attention_heads=text_heads,
+            max_position_embeddings=context,
+        ),
+        vision_config=dict(
+            hidden_size=width,
+            intermediate_size=mlp * width,
+            depths=list(depths),
+            num_hidden_layers=sum(depths),
+            num_group_tokens=list(group_tokens),
+            num_output_groups=list(output_groups),
+            num_attention_heads=heads,
+            image_size=image_size,
+            patch_size=patch_size,
+            assign_mlp_ratio=list(assign_mlp_ratio),
+        ),
+        projection_dim=projection[0],
+        projection_intermediate_dim=projection[1],
+    )
 
 
 SMALL_CONFIGS = {
     # The 'tiny' preset's shape.
     "three_stages": dict(),
     # Grouping in every stage, other head count, MLP ratios and patch size.
-    "three_groupings": dict(width=24, heads=3, depths=(1, 1, 1), group_tokens=(6, 4, 2),
-                            output_groups=(6, 4, 2), image_size=24, patch_size=6, mlp=2,
-                            assign_mlp_ratio=(1.0, 2), text_width=16, text_layers=1, context=8),
+    "three_groupings": dict(
+        width=24,
+        heads=3,
+        depths=(1, 1, 1),
+        group_tokens=(6, 4, 2),
+        output_groups=(6, 4, 2),
+        image_size=24,
+        patch_size=6,
+        mlp=2,
+        assign_mlp_ratio=(1.0, 2),
+        text_width=16,
+        text_layers=1,
+        context=8,
+    ),
 }
 
 
@@ -107,14 +150,18 @@ def _ours(config):
     """Jitted (image, text) forward and image-only forward of GroupViT(config) in eval mode."""
     model = groupvit.GroupViT(config)
     both = fast_jit(lambda v, images, tokens: model.apply(v, images, tokens))
-    image = fast_jit(lambda v, images: model.apply(v, images, method=groupvit.GroupViT.encode_image))
+    image = fast_jit(
+        lambda v, images: model.apply(v, images, method=groupvit.GroupViT.encode_image)
+    )
     return both, image
 
 
 def _assert_matches_hf(hf_model, variables, config, pixels, tokens):
     both, _ = _ours(config)
     with torch.no_grad():
-        reference = hf_model(input_ids=torch.tensor(tokens), pixel_values=pixels, output_attentions=True)
+        reference = hf_model(
+            input_ids=torch.tensor(tokens), pixel_values=pixels, output_attentions=True
+        )
     ours = both(variables, _nhwc(pixels), tokens)
     assert _relative_error(ours["image_embedding"], reference.image_embeds) < 1e-4
     assert _relative_error(ours["text_embedding"], reference.text_embeds) < 1e-4
@@ -155,8 +202,13 @@ def test_small_models_match_hf_through_the_cli(name, tmp_path):
     variables, config = checkpoint_io.load_model(str(tmp_path / "ckpt"))
     size = hf_config.vision_config.image_size
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
-    _assert_matches_hf(hf_model, variables, config, pixels,
-                       _tokens(2, hf_config.text_config.max_position_embeddings, seed=3))
+    _assert_matches_hf(
+        hf_model,
+        variables,
+        config,
+        pixels,
+        _tokens(2, hf_config.text_config.max_position_embeddings, seed=3),
+    )
 
 
 def test_small_model_matches_hf_at_twice_the_resolution(tiny_hf):
@@ -181,15 +233,24 @@ def test_groupvit_s_matches_hf_at_224_and_448(tmp_path):
     variables = convert.params_from_hf(tensors, config)
     del tensors
     gen = torch.Generator().manual_seed(6)
-    _assert_matches_hf(hf_model, variables, config, torch.randn(2, 3, 224, 224, generator=gen),
-                       _tokens(2, 77, seed=7))
-    _assert_image_matches_hf(hf_model, variables, config, torch.randn(1, 3, 448, 448, generator=gen))
+    _assert_matches_hf(
+        hf_model,
+        variables,
+        config,
+        torch.randn(2, 3, 224, 224, generator=gen),
+        _tokens(2, 77, seed=7),
+    )
+    _assert_image_matches_hf(
+        hf_model, variables, config, torch.randn(1, 3, 448, 448, generator=gen)
+    )
 
 
 def test_round_trip_reproduces_every_tensor(tiny_hf, tmp_path):
     hf_model, folder = tiny_hf
     convert.main(["from-hf", "--hf_dir", folder, "--output", str(tmp_path / "ckpt")])
-    convert.main(["to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")])
+    convert.main(
+        ["to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")]
+    )
     original = checkpoint_io.read_safetensors(os.path.join(folder, "model.safetensors"))
     exported = checkpoint_io.read_safetensors(str(tmp_path / "hf" / "model.safetensors"))
     assert set(exported) == set(original)
@@ -197,7 +258,9 @@ def test_round_trip_reproduces_every_tensor(tiny_hf, tmp_path):
         assert exported[name].dtype == tensor.dtype, name
         assert np.array_equal(exported[name], tensor), name
 
-    reloaded, info = transformers.GroupViTModel.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
+    reloaded, info = transformers.GroupViTModel.from_pretrained(
+        str(tmp_path / "hf"), output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     reloaded_state = reloaded.state_dict()
     for name, tensor in hf_model.state_dict().items():
@@ -217,8 +280,9 @@ def test_sharded_hf_folder_reads_like_a_single_file(tiny_hf, tmp_path):
 @pytest.mark.parametrize("preset", ["tiny", "demo", "groupvit_s"])
 def test_config_mapping_round_trips(preset):
     config = presets.get_model_config(preset)
-    back = convert.hf_config_to_model_config(convert.model_config_to_hf_config(config),
-                                             drop_path_rate=config.drop_path_rate)
+    back = convert.hf_config_to_model_config(
+        convert.model_config_to_hf_config(config), drop_path_rate=config.drop_path_rate
+    )
     assert back.to_dict() == config.to_dict()
     # transformers accepts what we write.
     hf_config = transformers.GroupViTConfig(**convert.model_config_to_hf_config(config))
@@ -232,8 +296,10 @@ def test_mismatched_shapes_missing_and_unexpected_tensors_are_named(tiny_hf):
     wider.width = 48
     with pytest.raises(ValueError) as error:
         convert.params_from_hf(tensors, wider)
-    assert "shape mismatch vision_model.embeddings.position_embeddings: expected (1, 64, 48), " \
-           "got (1, 64, 32)" in str(error.value)
+    assert (
+        "shape mismatch vision_model.embeddings.position_embeddings: expected (1, 64, 48), "
+        "got (1, 64, 32)" in str(error.value)
+    )
 
     config = convert.hf_config_to_model_config(hf_config)
     tensors = dict(tensors)
@@ -253,8 +319,11 @@ def test_hf_folder_whose_config_disagrees_with_its_weights(tiny_hf, tmp_path):
     os.symlink(os.path.join(folder, "model.safetensors"), tmp_path / "model.safetensors")
     with open(tmp_path / "config.json", "w") as f:
         json.dump(hf_config, f)
-    with pytest.raises(ValueError, match=r"text_model\.embeddings\.position_embedding\.weight: "
-                                         r"expected \(20, 32\), got \(16, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"text_model\.embeddings\.position_embedding\.weight: "
+        r"expected \(20, 32\), got \(16, 32\)",
+    ):
         convert.main(["from-hf", "--hf_dir", str(tmp_path), "--output", str(tmp_path / "ckpt")])
     assert not os.path.exists(tmp_path / "ckpt")
 
@@ -265,8 +334,11 @@ def test_checkpoint_loaded_into_another_model_shape(tiny_hf, tmp_path):
     other = config.copy_and_resolve_references()
     other.num_group_tokens = (6, 4, 0)
     other.num_output_groups = (6, 4, 4)
-    with pytest.raises(ValueError, match=r"shape mismatch params/vision/stages_0/group_tokens: "
-                                         r"expected \(1, 6, 32\), got \(1, 8, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape mismatch params/vision/stages_0/group_tokens: "
+        r"expected \(1, 6, 32\), got \(1, 8, 32\)",
+    ):
         checkpoint_io.load_model(str(tmp_path / "ckpt"), other)
     with pytest.raises(FileExistsError, match="already exists"):
         convert.from_hf(folder, str(tmp_path / "ckpt"))
@@ -275,13 +347,18 @@ def test_checkpoint_loaded_into_another_model_shape(tiny_hf, tmp_path):
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="No config.json in"):
         convert.main(["from-hf", "--hf_dir", str(tmp_path), "--output", str(tmp_path / "out")])
-    (tmp_path / "config.json").write_text(json.dumps(convert.model_config_to_hf_config(
-        presets.get_model_config("tiny"))))
+    (tmp_path / "config.json").write_text(
+        json.dumps(convert.model_config_to_hf_config(presets.get_model_config("tiny")))
+    )
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="No model.safetensors in .*found pytorch_model.bin"):
+    with pytest.raises(
+        FileNotFoundError, match="No model.safetensors in .*found pytorch_model.bin"
+    ):
         convert.main(["from-hf", "--hf_dir", str(tmp_path), "--output", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match="No model checkpoint directory at .*nowhere"):
-        convert.main(["to-hf", "--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
+        convert.main(
+            ["to-hf", "--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]
+        )
     with pytest.raises(FileNotFoundError, match="model_config/metadata is missing"):
         checkpoint_io.load_model(str(tmp_path))
 

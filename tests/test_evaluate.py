@@ -3,6 +3,7 @@
 The checkpoint is a random `transformers.GroupViTModel` of a tiny config, saved with
 save_pretrained and converted with `convert.from_hf`; windows are 32 px, the model's input size.
 """
+
 import importlib.util
 import json
 import os
@@ -37,13 +38,28 @@ NUM_CLASSES = len(segmentation_sets.VOC_CLASSES)
 
 def _tiny_hf_config():
     return transformers.GroupViTConfig(
-        text_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16),
-        vision_config=dict(hidden_size=32, intermediate_size=128, depths=[2, 1, 1],
-                           num_hidden_layers=4, num_group_tokens=[8, 4, 0],
-                           num_output_groups=[8, 4, 4], num_attention_heads=2, image_size=32,
-                           patch_size=4, assign_mlp_ratio=[0.5, 4]),
-        projection_dim=32, projection_intermediate_dim=64)
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=128,
+            depths=[2, 1, 1],
+            num_hidden_layers=4,
+            num_group_tokens=[8, 4, 0],
+            num_output_groups=[8, 4, 4],
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=4,
+            assign_mlp_ratio=[0.5, 4],
+        ),
+        projection_dim=32,
+        projection_intermediate_dim=64,
+    )
 
 
 def write_hf_checkpoint(directory: str, seed: int = 0) -> str:
@@ -52,10 +68,11 @@ def write_hf_checkpoint(directory: str, seed: int = 0) -> str:
     model = transformers.GroupViTModel(_tiny_hf_config()).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
+        for tensor in model.state_dict().values():
             if tensor.ndim >= 2 and tensor.is_floating_point():
-                tensor.copy_(torch.randn(tensor.shape, generator=generator)
-                             * tensor.shape[-1] ** -0.5)
+                tensor.copy_(
+                    torch.randn(tensor.shape, generator=generator) * tensor.shape[-1] ** -0.5
+                )
     hf_dir = os.path.join(directory, "hf")
     model.save_pretrained(hf_dir)
     checkpoint = os.path.join(directory, "converted")
@@ -82,10 +99,10 @@ def write_voc_fixture(root: str, sizes, seed: int = 0, splits=("val",)) -> dict:
             label[blob] = class_id
             image[blob] = rng.integers(0, 256, 3)
         label[height // 2, :] = 255
-        Image.fromarray(image).save(os.path.join(base, "JPEGImages", image_id + ".jpg"),
-                                    quality=95)
+        Image.fromarray(image).save(os.path.join(base, "JPEGImages", image_id + ".jpg"), quality=95)
         Image.fromarray(label, mode="L").save(
-            os.path.join(base, "SegmentationClass", image_id + ".png"))
+            os.path.join(base, "SegmentationClass", image_id + ".png")
+        )
         labels[image_id] = label
     for split in splits:
         with open(os.path.join(base, "ImageSets", "Segmentation", split + ".txt"), "w") as f:
@@ -99,10 +116,20 @@ def cli_with_bad_input(tmp_path_factory):
     (imports) runs beside the other tests; `test_bad_input_is_a_one_line_error` checks it."""
     missing = tmp_path_factory.mktemp("missing")
     process = subprocess.Popen(
-        [sys.executable, "-m", "mixreorg_jax.evaluate", f"--config={CONFIGS}/voc.py",
-         f"--config.data_dir={missing}", f"--checkpoint={missing}/no_model",
-         f"--output_dir={missing}/out"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "mixreorg_jax.evaluate",
+            f"--config={CONFIGS}/voc.py",
+            f"--config.data_dir={missing}",
+            f"--checkpoint={missing}/no_model",
+            f"--output_dir={missing}/out",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     yield process
     if process.poll() is None:
         process.kill()
@@ -143,10 +170,18 @@ def run_binary(argv: list[str]) -> dict:
 def voc_results(checkpoint, voc, tmp_path_factory):
     root, _ = voc
     output_dir = str(tmp_path_factory.mktemp("eval_voc"))
-    returned = run_binary([f"--config={CONFIGS}/voc.py", f"--config.data_dir={root}",
-                           "--config.short_side=32", "--config.window=32", "--config.stride=16",
-                           f"--config.save_predictions={len(IMAGE_SIZES)}",
-                           f"--checkpoint={checkpoint}", f"--output_dir={output_dir}"])
+    returned = run_binary(
+        [
+            f"--config={CONFIGS}/voc.py",
+            f"--config.data_dir={root}",
+            "--config.short_side=32",
+            "--config.window=32",
+            "--config.stride=16",
+            f"--config.save_predictions={len(IMAGE_SIZES)}",
+            f"--checkpoint={checkpoint}",
+            f"--output_dir={output_dir}",
+        ]
+    )
     with open(os.path.join(output_dir, "results.json")) as f:
         results = json.load(f)
     assert results == returned
@@ -173,8 +208,9 @@ def test_binary_writes_complete_results_consistent_with_the_saved_masks(voc, voc
     for image_id, label in labels.items():
         predicted = np.array(Image.open(os.path.join(output_dir, "predictions", image_id + ".png")))
         assert predicted.shape == label.shape
-        total += np.asarray(miou_ops.confusion_matrix(jnp.asarray(predicted), jnp.asarray(label),
-                                                      NUM_CLASSES))
+        total += np.asarray(
+            miou_ops.confusion_matrix(jnp.asarray(predicted), jnp.asarray(label), NUM_CLASSES)
+        )
         for picture in (image_id + ".png", image_id + "_groups.png"):
             assert os.path.getsize(os.path.join(output_dir, "pictures", picture)) > 0
     np.testing.assert_array_equal(total, results["confusion_matrix"])
@@ -189,7 +225,8 @@ def test_binary_writes_complete_results_consistent_with_the_saved_masks(voc, voc
     valid = np.concatenate([label[label != 255] for label in labels.values()])
     present = len(np.unique(valid))
     assert results["baselines"]["all_background"]["miou"] == pytest.approx(
-        np.mean(valid == 0) / present)
+        np.mean(valid == 0) / present
+    )
 
 
 def _one_device_mesh():
@@ -205,10 +242,19 @@ def test_eight_devices_equal_one_device(checkpoint, voc, voc_results):
     # Also the 'auto' threshold's plumbing: swept on 'train' (the same images here), which
     # leaves one candidate, the fixed run's 0.95.
     evaluator = segmentation.Evaluator(
-        ml_collections.ConfigDict(dict(dataset="voc", data_dir=root, bg_thresh="auto",
-                                       bg_thresh_split="train", bg_sweep=(0.95,),
-                                       **SMALL_PROTOCOL)),
-        model=groupvit.GroupViT(model_config), mesh=one_device)
+        ml_collections.ConfigDict(
+            dict(
+                dataset="voc",
+                data_dir=root,
+                bg_thresh="auto",
+                bg_thresh_split="train",
+                bg_sweep=(0.95,),
+                **SMALL_PROTOCOL,
+            )
+        ),
+        model=groupvit.GroupViT(model_config),
+        mesh=one_device,
+    )
     single = evaluator.evaluate(variables)
     assert single["protocol"]["local_devices"] == 1
     assert single["bg_thresh"] == 0.95
@@ -218,39 +264,67 @@ def test_eight_devices_equal_one_device(checkpoint, voc, voc_results):
         assert single["baselines"][name]["miou"] == baseline["miou"]
 
 
-def _perfect_crop_outputs(encoded, logit_scale, class_emb, label_crops, thresholds, *, crop_hw,
-                          patch_size, num_label_classes, top_k):
+def _perfect_crop_outputs(
+    encoded,
+    logit_scale,
+    class_emb,
+    label_crops,
+    thresholds,
+    *,
+    crop_hw,
+    patch_size,
+    num_label_classes,
+    top_k,
+):
     """Scores that are the ground truth itself: a background channel per threshold (below 0.5
     it never wins, so those thresholds score worse), then one per class."""
     del encoded, logit_scale, crop_hw, patch_size, top_k
     truth = jax.nn.one_hot(label_crops, num_label_classes, axis=1)  # 255 -> all zero
-    background = [jnp.where(thresholds[t] > 0.5, truth[:, 0], -1.0)[:, None]
-                  for t in range(thresholds.shape[0])]
+    background = [
+        jnp.where(thresholds[t] > 0.5, truth[:, 0], -1.0)[:, None]
+        for t in range(thresholds.shape[0])
+    ]
     num_crops = label_crops.shape[0]
     favourite = jax.nn.one_hot(jnp.full((num_crops,), 6), class_emb.shape[0])  # class 'car'
-    return dict(scores=jnp.concatenate(background + [truth[:, 1:]], axis=1), oracle=truth,
-                image_probs=favourite, groups=jnp.zeros(label_crops.shape, jnp.int32))
+    return dict(
+        scores=jnp.concatenate(background + [truth[:, 1:]], axis=1),
+        oracle=truth,
+        image_probs=favourite,
+        groups=jnp.zeros(label_crops.shape, jnp.int32),
+    )
 
 
 def test_perfect_prediction_gives_miou_exactly_one(checkpoint, monkeypatch, tmp_path):
     # Images at the short side already: resizing is the identity, and the windows overlap.
-    labels = write_voc_fixture(str(tmp_path), [IMAGE_SIZES[0]] * 2, seed=3,
-                               splits=("val", "train"))
+    labels = write_voc_fixture(str(tmp_path), [IMAGE_SIZES[0]] * 2, seed=3, splits=("val", "train"))
     monkeypatch.setattr(segmentation, "encode_crops", lambda *args, **kwargs: None)
     monkeypatch.setattr(segmentation, "crop_outputs", _perfect_crop_outputs)
     variables, model_config = api.load_variables(checkpoint)
     # As the training loop calls it: its mesh set, the state on it.
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
-    state = jax.device_put({"params": {"model": variables["params"]},
-                            "batch_stats": variables["batch_stats"]}, sharding.replicated(mesh))
-    evals = ml_collections.ConfigDict({
-        "fixed": dict(type="segmentation", dataset="voc", data_dir=str(tmp_path),
-                      **SMALL_PROTOCOL),
-        "auto": dict(type="segmentation", dataset="voc", data_dir=str(tmp_path),
-                     bg_thresh="auto", bg_thresh_split="train", bg_sweep=(0.3, 0.7),
-                     **SMALL_PROTOCOL)})
-    built = dict(evaluators.create(evals, model=groupvit.GroupViT(model_config), mesh=mesh,
-                                   config=None))
+    state = jax.device_put(
+        {"params": {"model": variables["params"]}, "batch_stats": variables["batch_stats"]},
+        sharding.replicated(mesh),
+    )
+    evals = ml_collections.ConfigDict(
+        {
+            "fixed": dict(
+                type="segmentation", dataset="voc", data_dir=str(tmp_path), **SMALL_PROTOCOL
+            ),
+            "auto": dict(
+                type="segmentation",
+                dataset="voc",
+                data_dir=str(tmp_path),
+                bg_thresh="auto",
+                bg_thresh_split="train",
+                bg_sweep=(0.3, 0.7),
+                **SMALL_PROTOCOL,
+            ),
+        }
+    )
+    built = dict(
+        evaluators.create(evals, model=groupvit.GroupViT(model_config), mesh=mesh, config=None)
+    )
     assert built["fixed"].due(10, 10) and not built["fixed"].due(5, 10)
     with jax.set_mesh(mesh):
         fixed, auto = built["fixed"].run(state), built["auto"].run(state)
@@ -260,15 +334,18 @@ def test_perfect_prediction_gives_miou_exactly_one(checkpoint, monkeypatch, tmp_
     valid = np.concatenate([label[label != 255] for label in labels.values()])
     expected_top = np.mean(valid == 7) / len(np.unique(valid))
     assert fixed["miou_top_class"] == pytest.approx(expected_top)
-    assert fixed["miou_all_background"] == pytest.approx(np.mean(valid == 0)
-                                                         / len(np.unique(valid)))
+    assert fixed["miou_all_background"] == pytest.approx(
+        np.mean(valid == 0) / len(np.unique(valid))
+    )
     assert auto["bg_thresh"] == 0.7 and auto["miou"] == 1.0
 
 
 def test_bad_input_is_a_one_line_error(checkpoint, voc, tmp_path, cli_with_bad_input):
     root, _ = voc
-    for data_dir, model, message in ((f"{tmp_path}/nowhere", checkpoint, "not found"),
-                                      (root, f"{tmp_path}/no_model", "no model")):
+    for data_dir, model, message in (
+        (f"{tmp_path}/nowhere", checkpoint, "not found"),
+        (root, f"{tmp_path}/no_model", "no model"),
+    ):
         config = load_eval_config("voc")
         config.data_dir = data_dir
         with pytest.raises(SystemExit) as exit_info:
@@ -277,13 +354,17 @@ def test_bad_input_is_a_one_line_error(checkpoint, voc, tmp_path, cli_with_bad_i
         assert text.startswith("error: ") and message in text and "\n" not in text
 
     model = groupvit.GroupViT(api.load_variables(checkpoint)[1])
-    for overrides, message in ((dict(bg_thresh=None), "has a background class"),
-                               (dict(window=0, stride=-1), "stride must be positive"),
-                               (dict(windw=3), "unknown field 'windw'"),
-                               (dict(save_predictions=2), "needs output_dir")):
+    for overrides, message in (
+        (dict(bg_thresh=None), "has a background class"),
+        (dict(window=0, stride=-1), "stride must be positive"),
+        (dict(windw=3), "unknown field 'windw'"),
+        (dict(save_predictions=2), "needs output_dir"),
+    ):
         with pytest.raises(ValueError, match=message):
-            segmentation.Evaluator(ml_collections.ConfigDict(dict(dataset="voc", data_dir=root,
-                                                                  **overrides)), model=model)
+            segmentation.Evaluator(
+                ml_collections.ConfigDict(dict(dataset="voc", data_dir=root, **overrides)),
+                model=model,
+            )
 
     # The real command line ends in one line on stderr.
     _, stderr = cli_with_bad_input.communicate(timeout=300)
@@ -293,18 +374,30 @@ def test_bad_input_is_a_one_line_error(checkpoint, voc, tmp_path, cli_with_bad_i
 
 
 def test_configs_and_settings():
-    for name, dataset, bg in (("voc", "voc", 0.95), ("coco_object", "coco_object", 0.95),
-                              ("ade20k", "ade20k", None), ("synthetic", "synthetic", "auto")):
+    for name, dataset, bg in (
+        ("voc", "voc", 0.95),
+        ("coco_object", "coco_object", 0.95),
+        ("ade20k", "ade20k", None),
+        ("synthetic", "synthetic", "auto"),
+    ):
         config = load_eval_config(name)
         assert config.dataset == dataset and config.bg_thresh == bg
     assert (load_eval_config("context").dataset, load_eval_config("context").bg_thresh) == (
-        "context60", 0.35)
-    assert (load_eval_config("context", "59").dataset,
-            load_eval_config("context", "59").bg_thresh) == ("context59", None)
+        "context60",
+        0.35,
+    )
+    assert (
+        load_eval_config("context", "59").dataset,
+        load_eval_config("context", "59").bg_thresh,
+    ) == ("context59", None)
     with pytest.raises(ValueError, match="known: 60, 59"):
         load_eval_config("context", "61")
     assert segmentation.expand_templates(("imagenet80",))[:1] == ("a bad photo of a {}.",)
     with pytest.raises(ValueError, match="'{}'"):
         segmentation.expand_templates(("a photo",))
     assert [segmentation.parse_bg_thresh(v) for v in ("auto", "None", 0.5, "0.25")] == [
-        "auto", None, 0.5, 0.25]
+        "auto",
+        None,
+        0.5,
+        0.25,
+    ]

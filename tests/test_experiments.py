@@ -1,4 +1,5 @@
 """The synthetic benchmark's driver: run configs, the results table and the plots."""
+
 import functools
 import json
 
@@ -28,13 +29,18 @@ def test_groupvit_and_mixreorg_runs_differ_only_in_the_method():
     """Same world, model, data, schedule and options: the benchmark compares methods."""
     groupvit, mixreorg = (
         traverse_util.flatten_dict(synthetic.run_config(name, 0, {}, "/w").to_dict(), sep=".")
-        for name in ("groupvit", "mixreorg"))
+        for name in ("groupvit", "mixreorg")
+    )
     assert groupvit.keys() == mixreorg.keys()
     differ = {key for key in groupvit if groupvit[key] != mixreorg[key]}
     # The demo has no caption-contrastive terms, so no restoration loss either; the mixing
     # stages are MixReorg's own (GroupViT's config keeps the base defaults, unused).
-    assert differ == {"mix.enabled", "loss.mixseg", "mix.contextual_depth",
-                      "mix.progressive_weight"}
+    assert differ == {
+        "mix.enabled",
+        "loss.mixseg",
+        "mix.contextual_depth",
+        "mix.progressive_weight",
+    }
 
 
 def test_parse_value():
@@ -48,13 +54,17 @@ def test_parse_value():
 def _summary(name, seed, miou):
     curves = [{"step": s, "contrastive": 4.0 - s / 100, "mixseg": 0.69} for s in (10, 20)]
     baselines = {"group_oracle": {"miou": miou + 0.2}, "all_background": {"miou": 0.08}}
-    return dict(name=name, seed=seed, miou=miou, baselines=baselines, steps_per_second=2.0,
-                curves=curves)
+    return dict(
+        name=name, seed=seed, miou=miou, baselines=baselines, steps_per_second=2.0, curves=curves
+    )
 
 
 def test_table_gives_mean_and_std_over_seeds_and_the_command():
-    summaries = [_summary("groupvit", 0, 0.10), _summary("groupvit", 1, 0.20),
-                 _summary("block_size_2", 0, 0.30)]
+    summaries = [
+        _summary("groupvit", 0, 0.10),
+        _summary("groupvit", 1, 0.20),
+        _summary("block_size_2", 0, 0.30),
+    ]
     table = synthetic.markdown_table(summaries, "python -m x --seeds=0,1")
     assert "| groupvit | - | 15.0 ± 5.0 | 10.0 / 20.0 | 35.0 ± 5.0 | 2.00 |" in table
     assert "| block_size_2 | mix.block_size=2 | 30.0 ± 0.0 | 30.0 | 50.0 ± 0.0 | 2.00 |" in table
@@ -72,73 +82,116 @@ def test_main_writes_results_table_and_plots(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic, "run_one", fake_run_one)
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    with flagsaver.flagsaver(output_dir=str(tmp_path), runs=["groupvit", "ablations"],
-                             seeds=["0", "1"], set=["total_steps=5"]):
+    with flagsaver.flagsaver(
+        output_dir=str(tmp_path),
+        runs=["groupvit", "ablations"],
+        seeds=["0", "1"],
+        set=["total_steps=5"],
+    ):
         synthetic.main(["synthetic"])
     assert len(calls) == 2 * (1 + len(synthetic.ABLATIONS))
     assert calls[0] == ("groupvit", 0, {"total_steps": 5})
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["runs"]) == len(calls)
     assert (tmp_path / "table.md").read_text().count("\n| ") == 1 + len(synthetic.ABLATIONS)
-    assert "--runs=groupvit,ablations --seeds=0,1 --set=total_steps=5`" in (
-        tmp_path / "table.md").read_text()
+    assert (
+        "--runs=groupvit,ablations --seeds=0,1 --set=total_steps=5`"
+        in (tmp_path / "table.md").read_text()
+    )
     for name in ("miou.png", "curves.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-    with flagsaver.flagsaver(output_dir=str(tmp_path), runs=["mixup"]):
-        with pytest.raises(SystemExit, match="unknown runs"):
-            synthetic.main(["synthetic"])
+    with (
+        flagsaver.flagsaver(output_dir=str(tmp_path), runs=["mixup"]),
+        pytest.raises(SystemExit, match="unknown runs"),
+    ):
+        synthetic.main(["synthetic"])
 
 
 def test_probe_trains_each_readout_and_reports_held_out_accuracy():
+    from mixreorg_jax.data import synthetic as world_lib
     from mixreorg_jax.experiments import probe
     from mixreorg_jax.models import presets
-    from mixreorg_jax.data import synthetic as world_lib
+
     config = presets.get_model_config("tiny")
     world = world_lib.WorldConfig(image_size=32, class_texture_prob=1.0)
     images, presence = probe.make_batch(world, "train", 0, 4)
     assert images.shape == (4, 32, 32, 3) and presence.shape == (4, 8)
     assert all(presence[i].sum() >= 1 for i in range(4))
-    for readout, head in [("pooled", "batchnorm"), ("segments1", "batchnorm"),
-                          ("patch_mean", "linear")]:
-        records = probe.run(config, world, readout=readout, head=head, lr=1e-3, steps=2,
-                            batch_size=4, log_every=1, held_out_size=4, jit=functools.partial(
-                                jax.jit, compiler_options={"xla_backend_optimization_level": 0}))
+    for readout, head in [
+        ("pooled", "batchnorm"),
+        ("segments1", "batchnorm"),
+        ("patch_mean", "linear"),
+    ]:
+        records = probe.run(
+            config,
+            world,
+            readout=readout,
+            head=head,
+            lr=1e-3,
+            steps=2,
+            batch_size=4,
+            log_every=1,
+            held_out_size=4,
+            jit=functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0}),
+        )
         assert [r["step"] for r in records] == [1, 2]
-        assert all(0 <= r["held_out_top_class_present"] <= 1 and np.isfinite(r["loss"])
-                   for r in records)
+        assert all(
+            0 <= r["held_out_top_class_present"] <= 1 and np.isfinite(r["loss"]) for r in records
+        )
 
 
 def test_probe_exports_a_model_that_model_init_loads(tmp_path):
     from mixreorg_jax import api
+    from mixreorg_jax.data import synthetic as world_lib
     from mixreorg_jax.experiments import probe
     from mixreorg_jax.models import groupvit, presets
-    from mixreorg_jax.data import synthetic as world_lib
+
     config = presets.get_model_config("tiny")
     world = world_lib.WorldConfig(image_size=32, class_texture_prob=1.0)
-    probe.run(config, world, readout="patch_mean", lr=1e-3, steps=2, batch_size=4, log_every=2,
-              held_out_size=4, seed=3, export=str(tmp_path / "backbone"),
-              jit=functools.partial(jax.jit,
-                                    compiler_options={"xla_backend_optimization_level": 0}))
+    probe.run(
+        config,
+        world,
+        readout="patch_mean",
+        lr=1e-3,
+        steps=2,
+        batch_size=4,
+        log_every=2,
+        held_out_size=4,
+        seed=3,
+        export=str(tmp_path / "backbone"),
+        jit=functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0}),
+    )
     variables, saved_config = api.load_variables(str(tmp_path / "backbone"))
     assert saved_config.to_dict() == config.to_dict()
     fresh = groupvit.init_variables(config, jax.random.key(3))
     vision, fresh_vision = variables["params"]["vision"], fresh["params"]["vision"]
     # Trained: the patch embedding and the stage-1 blocks; untouched: what patch_mean never uses.
     assert not np.allclose(vision["patch_embed"]["kernel"], fresh_vision["patch_embed"]["kernel"])
-    assert not np.allclose(vision["stages_0"]["blocks_0"]["mlp"]["fc1"]["kernel"],
-                           fresh_vision["stages_0"]["blocks_0"]["mlp"]["fc1"]["kernel"])
+    assert not np.allclose(
+        vision["stages_0"]["blocks_0"]["mlp"]["fc1"]["kernel"],
+        fresh_vision["stages_0"]["blocks_0"]["mlp"]["fc1"]["kernel"],
+    )
     # (AdamW's weight decay alone scales those by 1 - 1e-7 a step.)
-    np.testing.assert_allclose(vision["stages_1"]["blocks_0"]["mlp"]["fc1"]["kernel"],
-                               fresh_vision["stages_1"]["blocks_0"]["mlp"]["fc1"]["kernel"],
-                               rtol=1e-6)
-    np.testing.assert_allclose(variables["params"]["text"]["token_embedding"]["embedding"],
-                               fresh["params"]["text"]["token_embedding"]["embedding"], rtol=1e-6)
+    np.testing.assert_allclose(
+        vision["stages_1"]["blocks_0"]["mlp"]["fc1"]["kernel"],
+        fresh_vision["stages_1"]["blocks_0"]["mlp"]["fc1"]["kernel"],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        variables["params"]["text"]["token_embedding"]["embedding"],
+        fresh["params"]["text"]["token_embedding"]["embedding"],
+        rtol=1e-6,
+    )
 
 
 def test_steady_speed_leaves_out_the_first_interval_with_compilation():
-    metrics = [{"step": 20, "examples_per_sec": 5.0}, {"step": 40, "examples_per_sec": 64.0},
-               {"step": 40, "contrastive": 3.0}, {"step": 60, "examples_per_sec": 128.0},
-               {"step": 80, "examples_per_sec": 96.0}]
+    metrics = [
+        {"step": 20, "examples_per_sec": 5.0},
+        {"step": 40, "examples_per_sec": 64.0},
+        {"step": 40, "contrastive": 3.0},
+        {"step": 60, "examples_per_sec": 128.0},
+        {"step": 80, "examples_per_sec": 96.0},
+    ]
     assert synthetic.steady_steps_per_second(metrics, 32) == 3.0  # median 96 images/s
     assert np.isnan(synthetic.steady_steps_per_second(metrics[:1], 32))
 
@@ -149,6 +202,7 @@ def test_diagnose_reads_patch_labels_and_reports_every_level(tmp_path):
     from mixreorg_jax.data import synthetic as world_lib
     from mixreorg_jax.experiments import diagnose
     from mixreorg_jax.models import groupvit, presets
+
     world = world_lib.WorldConfig(image_size=32)
     images, present, labels = diagnose._images_and_patch_labels(world, 3, 4)
     assert images.shape == (3, 32, 32, 3) and labels.shape == (3, 64)
@@ -158,8 +212,9 @@ def test_diagnose_reads_patch_labels_and_reports_every_level(tmp_path):
     assert present[1] == set(np.unique(mask)) - {0}
 
     config = presets.get_model_config("tiny")
-    checkpoint_io.save_model(str(tmp_path / "model"),
-                             groupvit.init_variables(config, jax.random.key(0)), config)
+    checkpoint_io.save_model(
+        str(tmp_path / "model"), groupvit.init_variables(config, jax.random.key(0)), config
+    )
     model = mixreorg_jax.load(str(tmp_path / "model"))
     got = diagnose.diagnose(model, world, num_images=6)
     text = np.asarray(model.encode_text([f"a photo of a {n}." for n in world_lib.SHAPE_NAMES[:8]]))
@@ -172,9 +227,11 @@ def test_diagnose_reads_patch_labels_and_reports_every_level(tmp_path):
     assert diagnose.training_config(str(tmp_path / "model")) == {}  # not a training workdir
     (tmp_path / "workdir").mkdir()
     (tmp_path / "workdir" / "config.json").write_text(
-        '{"data": {"synthetic_world": {"class_texture_prob": 1.0}}}')
+        '{"data": {"synthetic_world": {"class_texture_prob": 1.0}}}'
+    )
     assert diagnose.training_config(str(tmp_path / "workdir")) == {
-        "data": {"synthetic_world": {"class_texture_prob": 1.0}}}
+        "data": {"synthetic_world": {"class_texture_prob": 1.0}}
+    }
 
 
 def test_diagnose_mixing_scores_the_mixed_segments_by_source(tmp_path):
@@ -183,14 +240,16 @@ def test_diagnose_mixing_scores_the_mixed_segments_by_source(tmp_path):
     from mixreorg_jax.data import synthetic as world_lib
     from mixreorg_jax.experiments import diagnose
     from mixreorg_jax.models import groupvit, presets
+
     # Segment 0 holds one patch of each source, segment 1 two of source 0; image 2: one segment.
     owner = np.array([[0, 0, 1, 1], [5, 5, 5, 5]])
     source = np.array([[0, 1, 0, 0], [1, 1, 1, 0]])
     assert diagnose.majority_share(owner, source) == [0.5, 1.0, 0.75]
 
     config = presets.get_model_config("tiny")
-    checkpoint_io.save_model(str(tmp_path / "model"),
-                             groupvit.init_variables(config, jax.random.key(0)), config)
+    checkpoint_io.save_model(
+        str(tmp_path / "model"), groupvit.init_variables(config, jax.random.key(0)), config
+    )
     model = mixreorg_jax.load(str(tmp_path / "model"))
     world = world_lib.WorldConfig(image_size=config.image_size)
     defaults = train_config.base_config().mix.to_dict()
@@ -207,5 +266,6 @@ def test_diagnose_mixing_scores_the_mixed_segments_by_source(tmp_path):
 
 def test_diagnose_reports_a_missing_model_in_one_line(tmp_path):
     from mixreorg_jax.experiments import diagnose
+
     with pytest.raises(SystemExit, match="^error: .*nothing"):
         diagnose.run(str(tmp_path / "nothing"))

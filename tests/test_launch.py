@@ -1,4 +1,5 @@
 """The launch scripts' dry runs print the commands they would run."""
+
 import os
 import pathlib
 import shlex
@@ -10,8 +11,13 @@ LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
 
 
 def dry_run(script, *args):
-    out = subprocess.run(["bash", str(LAUNCH / script), "--dry_run", *args], check=True,
-                         capture_output=True, text=True, env={**os.environ, "HOME": "/home/u"})
+    out = subprocess.run(
+        ["bash", str(LAUNCH / script), "--dry_run", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": "/home/u"},
+    )
     return [shlex.split(line) for line in out.stdout.splitlines() if line.strip()]
 
 
@@ -20,7 +26,13 @@ def test_local_trains_then_evaluates_the_same_workdir():
     assert pretrain[:3] == ["python", "-m", "mixreorg_jax.experiments.probe"]
     backbone = "/home/u/tensorflow_datasets/mixreorg_backbone"
     assert f"--export={backbone}" in pretrain and f"--config.model_init={backbone}" in train
-    assert train[:5] == ["python", "-m", "mixreorg_jax.train", "--config", "configs/mixreorg.py:demo"]
+    assert train[:5] == [
+        "python",
+        "-m",
+        "mixreorg_jax.train",
+        "--config",
+        "configs/mixreorg.py:demo",
+    ]
     assert "--workdir" in train and train[train.index("--workdir") + 1] == "/tmp/demo"
     assert "--config.seed=3" in train
     assert evaluate[:3] == ["python", "-m", "mixreorg_jax.evaluate"]
@@ -30,28 +42,38 @@ def test_local_trains_then_evaluates_the_same_workdir():
 
 
 def test_gpu_slurm_runs_one_task_per_gpu():
-    lines = [" ".join(line) for line in dry_run("gpu_slurm.sh", "2", "8", "/shared/run",
-                                                 "configs/mixreorg.py:paper", "--config.seed=1")]
+    lines = [
+        " ".join(line)
+        for line in dry_run(
+            "gpu_slurm.sh", "2", "8", "/shared/run", "configs/mixreorg.py:paper", "--config.seed=1"
+        )
+    ]
     text = "\n".join(lines)
     assert "--nodes=2" in text and "--ntasks-per-node=8" in text and "--gpus-per-task=1" in text
     assert "--signal=TERM@120" in text  # preemption warning -> checkpoint and clean stop
     srun = [line for line in lines if line.startswith("srun")]
-    assert srun == ["srun python -m mixreorg_jax.train --config configs/mixreorg.py:paper "
-                    "--workdir /shared/run --config.seed=1"]
+    assert srun == [
+        "srun python -m mixreorg_jax.train --config configs/mixreorg.py:paper "
+        "--workdir /shared/run --config.seed=1"
+    ]
 
 
 def test_tpu_pod_runs_the_same_command_on_every_worker():
-    commands = dry_run("tpu_pod.sh", "pod", "us-central2-b", "v4-64", "gs://b/run",
-                       "configs/mixreorg.py:paper")
+    commands = dry_run(
+        "tpu_pod.sh", "pod", "us-central2-b", "v4-64", "gs://b/run", "configs/mixreorg.py:paper"
+    )
     assert commands[0][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
     ssh = [c for c in commands if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
     assert len(ssh) == 2 and all("--worker=all" in c for c in ssh)
-    assert "python3 -m mixreorg_jax.train --config configs/mixreorg.py:paper --workdir gs://b/run" \
+    assert (
+        "python3 -m mixreorg_jax.train --config configs/mixreorg.py:paper --workdir gs://b/run"
         in ssh[-1][-1]
+    )
 
 
 @pytest.mark.parametrize("script", ["gpu_slurm.sh", "tpu_pod.sh"])
 def test_missing_arguments_are_a_usage_error(script):
-    result = subprocess.run(["bash", str(LAUNCH / script), "--dry_run"], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        ["bash", str(LAUNCH / script), "--dry_run"], capture_output=True, text=True
+    )
     assert result.returncode == 2 and "usage:" in result.stderr

@@ -1,11 +1,13 @@
 """Tests for ops/mixing.py: plan invariants, exact restoration, jit, and the per-device path."""
+
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mixreorg_jax.ops import mixing
 
@@ -20,7 +22,8 @@ def _sweep():
     rng = np.random.default_rng(0)
     cases = []
     for i, (grid, block_size) in enumerate(
-            (g, s) for g, sizes in VALID_BLOCK_SIZES.items() for s in sizes):
+        (g, s) for g, sizes in VALID_BLOCK_SIZES.items() for s in sizes
+    ):
         k = 2 + i % 3
         cases.append((k * int(rng.integers(1, 16 // k + 1)), grid, k, block_size))
     return cases
@@ -38,8 +41,10 @@ def _plan(seed, batch_size, grid, group_size, block_size, impl="threefry2x32"):
 
 def _plan_shapes(batch_size, grid, group_size, block_size):
     """The plan's array shapes only (nothing compiled): enough for tests of argument checks."""
-    return jax.eval_shape(lambda key: mixing.mixing_plan(key, batch_size, grid, group_size,
-                                                         block_size), jax.random.key(0))
+    return jax.eval_shape(
+        lambda key: mixing.mixing_plan(key, batch_size, grid, group_size, block_size),
+        jax.random.key(0),
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
@@ -47,8 +52,12 @@ def _plan_mix_restore(key, batch_size, grid, group_size, block_size, tokens):
     """One compile per case: the plan, mix(tokens), restore(mix(tokens)), mix(restore(tokens))."""
     plan = mixing.mixing_plan(key, batch_size, grid, group_size, block_size)
     mixed = mixing.mix_tokens(tokens, plan)
-    return (plan, mixed, mixing.restore_tokens(mixed, plan),
-            mixing.mix_tokens(mixing.restore_tokens(tokens, plan), plan))
+    return (
+        plan,
+        mixed,
+        mixing.restore_tokens(mixed, plan),
+        mixing.mix_tokens(mixing.restore_tokens(tokens, plan), plan),
+    )
 
 
 @pytest.mark.parametrize("batch_size,grid,group_size,block_size", _sweep())
@@ -66,7 +75,8 @@ def test_plan_and_mixing_invariants(batch_size, grid, group_size, block_size):
 
     key = jax.random.key(batch_size, impl="rbg")
     plan, mixed, restored, mixed_restored = jax.tree.map(
-        np.asarray, _plan_mix_restore(key, batch_size, grid, group_size, block_size, tokens))
+        np.asarray, _plan_mix_restore(key, batch_size, grid, group_size, block_size, tokens)
+    )
     member, inverse, source, group_captions = plan
     for a in (member, inverse, source):
         assert a.shape == (batch_size, n) and a.dtype == np.int32
@@ -122,10 +132,15 @@ def test_permutations_are_uniform_and_really_mix():
         assert all(len(np.unique(member[g, j])) == k for g in range(member.shape[0]))
 
 
-@pytest.mark.parametrize("grid,block_size,valid", [((4, 4), 3, "[1, 2, 4]"),
-                                                   ((14, 14), 4, "[1, 2, 7, 14]"),
-                                                   ((6, 4), 3, "[1, 2]"),
-                                                   ((4, 4), 0, "[1, 2, 4]")])
+@pytest.mark.parametrize(
+    "grid,block_size,valid",
+    [
+        ((4, 4), 3, "[1, 2, 4]"),
+        ((14, 14), 4, "[1, 2, 7, 14]"),
+        ((6, 4), 3, "[1, 2]"),
+        ((4, 4), 0, "[1, 2, 4]"),
+    ],
+)
 def test_invalid_block_size_names_the_valid_ones(grid, block_size, valid):
     with pytest.raises(ValueError, match=f"valid sizes: {valid}".replace("[", r"\[")):
         _plan(0, 8, grid, 2, block_size)

@@ -6,20 +6,33 @@ reference is `train_and_evaluate` in this process on 8 devices, its input pipeli
 the two shards concatenated along the batch: process p's devices come p-th in the mesh, so
 `jax.make_array_from_process_local_data` puts process p's rows p-th in the global batch.
 """
+
 import socket
 import subprocess
 import sys
 
 import grain
 import numpy as np
+from test_train import (
+    REPO,
+    TOTAL_STEPS,
+    assert_same_training_state,
+    assert_trees_equal,
+    cli_overrides,
+    compile_cache_dir,
+    losses_only,
+    persistent_compile_cache,
+    read_metrics,
+    read_state,
+    reuse_train_programs,
+    shared_root,
+    subprocess_env,
+    synthetic_dir,
+    tiny_config,
+)
 
 from mixreorg_jax import train
 from mixreorg_jax.data import pipeline
-
-from test_train import (REPO, TOTAL_STEPS, assert_same_training_state,  # noqa: F401
-                        assert_trees_equal, cli_overrides, compile_cache_dir, losses_only,
-                        persistent_compile_cache, read_metrics, read_state, reuse_train_programs,
-                        shared_root, subprocess_env, synthetic_dir, tiny_config)
 
 PROCESSES = 2
 DEVICES_PER_PROCESS = 4
@@ -64,34 +77,56 @@ def test_two_processes_train_like_one(tmp_path, synthetic_dir, monkeypatch):
     address = f"127.0.0.1:{_free_port()}"
     # No compilation cache: no other test runs these programs (and on CPU, JAX's sharing of
     # compiled programs between processes, jax_share_binary_between_hosts, hangs process 1).
-    env = subprocess_env(None, XLA_FLAGS=f"--xla_force_host_platform_device_count="
-                                         f"{DEVICES_PER_PROCESS}")
+    env = subprocess_env(
+        None, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
+    )
     processes, logs = [], []
     for index in range(PROCESSES):
         logs.append(tmp_path / f"process_{index}.log")
         with open(logs[-1], "w") as log:
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "mixreorg_jax.train",
-                 f"--config={REPO / 'configs' / 'mixreorg.py'}:tiny", f"--workdir={workdir}",
-                 *cli_overrides(synthetic_dir, MIX), f"--coordinator_address={address}",
-                 f"--num_processes={PROCESSES}", f"--process_id={index}"],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "mixreorg_jax.train",
+                        f"--config={REPO / 'configs' / 'mixreorg.py'}:tiny",
+                        f"--workdir={workdir}",
+                        *cli_overrides(synthetic_dir, MIX),
+                        f"--coordinator_address={address}",
+                        f"--num_processes={PROCESSES}",
+                        f"--process_id={index}",
+                    ],
+                    cwd=REPO,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
 
     def tails():
-        return "\n".join(f"--- process {i}:\n" + log.read_text()[-3000:]
-                         for i, log in enumerate(logs))
+        return "\n".join(
+            f"--- process {i}:\n" + log.read_text()[-3000:] for i, log in enumerate(logs)
+        )
 
     try:
         # Meanwhile, the reference: one process with as many devices, on both shards' batches.
         make = pipeline.make_train_iterator
-        monkeypatch.setattr(pipeline, "make_train_iterator", lambda data_config: ConcatenatedShards(
-            [make(data_config, process_index=i, process_count=PROCESSES)
-             for i in range(PROCESSES)]))
+        monkeypatch.setattr(
+            pipeline,
+            "make_train_iterator",
+            lambda data_config: ConcatenatedShards(
+                [
+                    make(data_config, process_index=i, process_count=PROCESSES)
+                    for i in range(PROCESSES)
+                ]
+            ),
+        )
         config = tiny_config("mixreorg", synthetic_dir, MIX)
         train.train_and_evaluate(config, str(reference_dir))
         returncodes = [p.wait(timeout=TIMEOUT_S) for p in processes]
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"the processes did not finish in {TIMEOUT_S} s\n{tails()}")
+        raise AssertionError(f"the processes did not finish in {TIMEOUT_S} s\n{tails()}") from None
     finally:
         for p in processes:
             p.kill()
@@ -103,8 +138,9 @@ def test_two_processes_train_like_one(tmp_path, synthetic_dir, monkeypatch):
     metrics = read_metrics(workdir)
     assert [m["step"] for m in metrics] == list(range(1, TOTAL_STEPS + 1))
     assert len(list((workdir / "tensorboard").iterdir())) == 1
-    assert sorted(p.name for p in (workdir / f"checkpoints/{TOTAL_STEPS}/data").glob("*.json")
-                  ) == [f"process_{i}-of-{PROCESSES}.json" for i in range(PROCESSES)]
+    assert sorted(p.name for p in (workdir / f"checkpoints/{TOTAL_STEPS}/data").glob("*.json")) == [
+        f"process_{i}-of-{PROCESSES}.json" for i in range(PROCESSES)
+    ]
 
     # The same losses: at the first step to float32 rounding (measured: 1.4e-6 relative); later,
     # as training amplifies the rounding differences of the two layouts' sums (and may flip a hard
@@ -115,7 +151,11 @@ def test_two_processes_train_like_one(tmp_path, synthetic_dir, monkeypatch):
     assert_trees_equal(losses_only(metrics)[0], losses_only(reference_metrics)[0], rtol=1e-5)
     for step_metrics, step_reference in zip(losses_only(metrics), losses_only(reference_metrics)):
         assert_trees_equal(step_metrics, step_reference, rtol=1e-3)
-    assert_same_training_state(read_state(workdir, TOTAL_STEPS),
-                               read_state(reference_dir, TOTAL_STEPS), config.optim,
-                               [m["learning_rate"] for m in reference_metrics], tolerance=1e-4,
-                               compare_moments=False)
+    assert_same_training_state(
+        read_state(workdir, TOTAL_STEPS),
+        read_state(reference_dir, TOTAL_STEPS),
+        config.optim,
+        [m["learning_rate"] for m in reference_metrics],
+        tolerance=1e-4,
+        compare_moments=False,
+    )

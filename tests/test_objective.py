@@ -1,4 +1,5 @@
 """The training objective's optional terms, on the tiny model."""
+
 import functools
 import pathlib
 
@@ -12,8 +13,13 @@ from mixreorg_jax.models import groupvit, mixreorg
 from mixreorg_jax.ops import mixing
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                       "xla_llvm_disable_expensive_passes": True})
+fast_jit = functools.partial(
+    jax.jit,
+    compiler_options={
+        "xla_backend_optimization_level": 0,
+        "xla_llvm_disable_expensive_passes": True,
+    },
+)
 
 
 def tiny_groupvit():
@@ -22,10 +28,17 @@ def tiny_groupvit():
     config.data.batch_size = 4
     model = groupvit.GroupViT(config.model)
     variables = groupvit.init_variables(config.model, jax.random.key(0))
-    params = {"model": variables["params"],
-              **objective.init_extra_params(config.model.logit_scale_init)}
-    return config, model, variables, params, benchmark.random_batch(config,
-                                                                    np.random.default_rng(0))
+    params = {
+        "model": variables["params"],
+        **objective.init_extra_params(config.model.logit_scale_init),
+    }
+    return (
+        config,
+        model,
+        variables,
+        params,
+        benchmark.random_batch(config, np.random.default_rng(0)),
+    )
 
 
 def tiny_mixreorg():
@@ -38,8 +51,9 @@ def tiny_mixreorg():
 
 def loss_terms_and_grads(config, model, variables, params, batch):
     """(loss terms, gradients w.r.t. params) of one jitted training loss."""
-    loss = lambda p: objective.loss_fn(p, variables["batch_stats"], batch, jax.random.key(1),
-                                       model=model, config=config)
+    loss = lambda p: objective.loss_fn(
+        p, variables["batch_stats"], batch, jax.random.key(1), model=model, config=config
+    )
     (_, (terms, _)), grads = fast_jit(jax.value_and_grad(loss, has_aux=True))(params)
     return terms, grads
 
@@ -71,8 +85,9 @@ def test_multi_label_same_word_positives_use_the_batch_prompt_ids():
 
     def multi_label(positives, batch):
         config.loss.multi_label_positives = positives
-        loss = lambda b: objective.loss_fn(params, variables["batch_stats"], b,
-                                           jax.random.key(1), model=model, config=config)
+        loss = lambda b: objective.loss_fn(
+            params, variables["batch_stats"], b, jax.random.key(1), model=model, config=config
+        )
         return float(fast_jit(loss)(batch)[1][0]["multi_label"])
 
     own, same_word = multi_label("own", batch), multi_label("same_word", batch)
@@ -118,16 +133,20 @@ def test_restore_weight_zero_skips_the_restored_branch():
     config, model, variables, params, batch = tiny_mixreorg()
     image = batch["image"]
     grid = image.shape[1] // config.model.patch_size
-    plan = mixing.mixing_plan(jax.random.key(2), image.shape[0], (grid, grid),
-                              config.mix.group_size)
-    forward = lambda restored: fast_jit(lambda v: model.apply(
-        v, image, plan, train=False, restored=restored,
-        method=mixreorg.mixreorg_image_forward))(variables)
+    plan = mixing.mixing_plan(
+        jax.random.key(2), image.shape[0], (grid, grid), config.mix.group_size
+    )
+    forward = lambda restored: fast_jit(
+        lambda v: model.apply(
+            v, image, plan, train=False, restored=restored, method=mixreorg.mixreorg_image_forward
+        )
+    )(variables)
     three, two = forward(True), forward(False)
     assert set(three) == {"original", "mixed", "restored"} and set(two) == {"original", "mixed"}
     for branch in two:
-        np.testing.assert_allclose(two[branch]["segments"], three[branch]["segments"],
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            two[branch]["segments"], three[branch]["segments"], rtol=1e-4, atol=1e-5
+        )
     config.loss.restore = 0.0
     terms, _ = loss_terms_and_grads(config, model, variables, params, batch)
     assert "restore" not in terms and {"contrastive", "mixseg"} <= set(terms)
@@ -141,8 +160,9 @@ def test_word_text_averages_the_word_prompts_only():
     want = np.stack([w / np.linalg.norm(w) for w in want])
     np.testing.assert_allclose(got, want, rtol=1e-5)
     everything = np.asarray(objective._word_text({}, emb))
-    np.testing.assert_allclose(everything, emb.sum(1) / np.linalg.norm(emb.sum(1), axis=1,
-                                                                        keepdims=True), rtol=1e-5)
+    np.testing.assert_allclose(
+        everything, emb.sum(1) / np.linalg.norm(emb.sum(1), axis=1, keepdims=True), rtol=1e-5
+    )
 
 
 def test_multi_label_logit_scale_starts_at_the_models_initial_scale():
@@ -154,8 +174,10 @@ def test_multi_label_logit_scale_starts_at_the_models_initial_scale():
     assert float(params["multi_label_logit_scale"]) == 2.5
 
 
-@pytest.mark.parametrize("mix,term", [(False, "segment_multi_label"),
-                                      (True, "segment_multi_label"), (False, "segment_retrieval")])
+@pytest.mark.parametrize(
+    "mix,term",
+    [(False, "segment_multi_label"), (True, "segment_multi_label"), (False, "segment_retrieval")],
+)
 def test_segment_terms_score_prompts_by_the_original_branchs_segments(mix, term):
     config, model, variables, params, batch = tiny_mixreorg() if mix else tiny_groupvit()
     if mix:
@@ -204,8 +226,9 @@ def test_share_temperature_puts_the_multi_label_terms_on_the_image_text_scale():
 
 def test_mixed_multi_label_scores_the_mixed_segments_against_their_groups_prompts():
     config, model, variables, params, batch = tiny_mixreorg()
-    config.loss.update(contrastive=0.0, multi_label=0.0, restore=0.0, mixseg=0.0,
-                       mixed_multi_label=1.0)
+    config.loss.update(
+        contrastive=0.0, multi_label=0.0, restore=0.0, mixseg=0.0, mixed_multi_label=1.0
+    )
 
     def terms_and_grads(batch, positives="own"):
         config.loss.multi_label_positives = positives
@@ -222,8 +245,9 @@ def test_mixed_multi_label_scores_the_mixed_segments_against_their_groups_prompt
     unique = dict(batch, prompt_ids=np.arange(12, dtype=np.int32).reshape(4, 3))
     same_word = float(terms_and_grads(unique, "same_word")[0]["mixed_multi_label"])
     np.testing.assert_allclose(same_word, own, rtol=1e-5)
-    shared = dict(batch, prompt_ids=np.array([[1, 2, -1], [1, 3, -1], [2, 4, 5], [6, 1, 8]],
-                                             np.int32))
+    shared = dict(
+        batch, prompt_ids=np.array([[1, 2, -1], [1, 3, -1], [2, 4, 5], [6, 1, 8]], np.int32)
+    )
     assert abs(float(terms_and_grads(shared, "same_word")[0]["mixed_multi_label"]) - own) > 1e-4
     config.mix.enabled = False  # GroupViT has no mixed images: no term.
     assert "mixed_multi_label" not in terms_and_grads(batch)[0]

@@ -1,4 +1,5 @@
 """The grain training pipeline (data/pipeline.py), augmentation (data/augment.py), prompts."""
+
 import collections
 import io
 import json
@@ -10,10 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mixreorg_jax.data import augment
-from mixreorg_jax.data import captions
-from mixreorg_jax.data import pipeline
-from mixreorg_jax.data import prompts
+from mixreorg_jax.data import augment, captions, pipeline, prompts
 
 CONTEXT = 8
 NORMALISED_MIN = (0 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
@@ -31,7 +29,7 @@ class FakeTokenizer:
         out = np.zeros((len(texts), CONTEXT), np.int32)
         for i, text in enumerate(texts):
             ids = [zlib.crc32(w.encode()) % 30000 + 1 for w in text.split()][:CONTEXT]
-            out[i, :len(ids)] = ids
+            out[i, : len(ids)] = ids
         return out
 
 
@@ -61,8 +59,7 @@ def datasets(tmp_path_factory):
     dirs = {}
     for name, count in (("aaa", 12), ("bbb", 8)):
         tsv = write_folder(root / name, name, count)
-        dirs[name] = captions.prepare(name, str(tsv), data_dir=str(root / "tfds"),
-                                      tag=fake_tagger)
+        dirs[name] = captions.prepare(name, str(tsv), data_dir=str(root / "tfds"), tag=fake_tagger)
     return dirs
 
 
@@ -80,8 +77,9 @@ def data_config(dirs, weights=(1.0,), **overrides):
 
 
 def iterator(config, process_index=0, process_count=1):
-    return pipeline.make_train_iterator(config, process_index=process_index,
-                                        process_count=process_count, tokenizer=FakeTokenizer())
+    return pipeline.make_train_iterator(
+        config, process_index=process_index, process_count=process_count, tokenizer=FakeTokenizer()
+    )
 
 
 # ---------------------------------------------------------------- pipeline
@@ -189,9 +187,15 @@ def test_config_errors_name_the_problem(datasets, tmp_path):
         code_path = None
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-                {"image": tfds.features.Image(shape=(None, None, 3)),
-                 "caption": tfds.features.Text()}))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(None, None, 3)),
+                        "caption": tfds.features.Text(),
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples()}
@@ -227,14 +231,16 @@ def test_prompt_templates_and_construction():
         used = [w for t in texts for w in words if f" {w}" in t or t.startswith(w)]
         assert len(texts) == 3 and len(set(used)) == 3  # three different words
         assert ids == [prompts.word_id(w) for w in used]
-        assert all(any(t == tmpl.format(w) for tmpl in prompts.IMAGENET_TEMPLATES
-                       for w in words) for t in texts)
+        assert all(
+            any(t == tmpl.format(w) for tmpl in prompts.IMAGENET_TEMPLATES for w in words)
+            for t in texts
+        )
     texts, ids = prompts.multi_label_prompts(["dog"], "the caption", rng)
     assert texts[1:] == ["the caption"] * 2 and "dog" in texts[0]
     assert ids == [prompts.word_id("dog"), -1, -1]
     assert prompts.multi_label_prompts([], "the caption", rng) == (["the caption"] * 3, [-1] * 3)
     assert prompts.word_id("Dog") == prompts.word_id("dog") != prompts.word_id("cat")
-    assert 0 <= prompts.word_id("dog") < 2 ** 31
+    assert 0 <= prompts.word_id("dog") < 2**31
     texts, _ = prompts.multi_label_prompts(words, "c", rng, template_set=prompts.templates("photo"))
     assert all(t.startswith("a photo of a ") for t in texts)
     a = prompts.multi_label_prompts(words, "c", np.random.default_rng(7))
@@ -243,8 +249,9 @@ def test_prompt_templates_and_construction():
 
 # ---------------------------------------------------------------- augmentation
 IMAGE = photo(5, 96, 64)
-ALL_OFF = augment.AugmentOptions(random_resized_crop=False, flip=False, randaugment=False,
-                                 random_erasing=0.0)
+ALL_OFF = augment.AugmentOptions(
+    random_resized_crop=False, flip=False, randaugment=False, random_erasing=0.0
+)
 
 
 def test_train_image_shapes_ranges_and_determinism():
@@ -266,7 +273,8 @@ def test_all_switches_off_is_the_eval_centre_crop():
     for seed in range(3):
         np.testing.assert_array_equal(
             augment.train_image(IMAGE, np.random.default_rng(seed), size=24, options=ALL_OFF),
-            reference)
+            reference,
+        )
     # The eval crop is the centre square of side 0.875 * short side (exactly so when decoded at
     # full resolution).
     reference = augment.eval_image(IMAGE, size=24, jpeg_draft=False)
@@ -280,19 +288,28 @@ def test_all_switches_off_is_the_eval_centre_crop():
 def test_flip_switch():
     reference = augment.eval_image(IMAGE, size=24)
     options = ALL_OFF.__class__(**{**ALL_OFF.__dict__, "flip": True})
-    flipped = [np.array_equal(augment.train_image(IMAGE, np.random.default_rng(s), size=24,
-                                                  options=options), reference[:, ::-1])
-               for s in range(20)]
+    flipped = [
+        np.array_equal(
+            augment.train_image(IMAGE, np.random.default_rng(s), size=24, options=options),
+            reference[:, ::-1],
+        )
+        for s in range(20)
+    ]
     assert 3 < sum(flipped) < 17  # about half
 
 
 def test_randaugment_switch_and_every_op():
     reference = augment.eval_image(IMAGE, size=24)
-    options = ALL_OFF.__class__(**{**ALL_OFF.__dict__, "randaugment": True,
-                                   "randaugment_prob": 1.0})
-    changed = [not np.array_equal(augment.train_image(IMAGE, np.random.default_rng(s), size=24,
-                                                      options=options), reference)
-               for s in range(10)]
+    options = ALL_OFF.__class__(
+        **{**ALL_OFF.__dict__, "randaugment": True, "randaugment_prob": 1.0}
+    )
+    changed = [
+        not np.array_equal(
+            augment.train_image(IMAGE, np.random.default_rng(s), size=24, options=options),
+            reference,
+        )
+        for s in range(10)
+    ]
     assert sum(changed) >= 7  # identity (1 of 14 ops, twice) is the only no-op
     base = Image.open(io.BytesIO(IMAGE)).convert("RGB").resize((24, 24))
     for name, op in augment.RANDAUGMENT_OPS.items():
@@ -300,8 +317,18 @@ def test_randaugment_switch_and_every_op():
         assert out.size == base.size and out.mode == "RGB", name
         assert np.array_equal(np.asarray(out), np.asarray(base)) == (name == "identity"), name
     # Magnitude 0 leaves the image alone for ops whose strength is the magnitude.
-    for name in ("rotate", "color", "contrast", "brightness", "sharpness", "posterize",
-                 "shear_x", "shear_y", "translate_x", "translate_y"):
+    for name in (
+        "rotate",
+        "color",
+        "contrast",
+        "brightness",
+        "sharpness",
+        "posterize",
+        "shear_x",
+        "shear_y",
+        "translate_x",
+        "translate_y",
+    ):
         out = augment.RANDAUGMENT_OPS[name](base, 0.0, np.random.default_rng(0))
         assert np.abs(np.asarray(out, int) - np.asarray(base, int)).max() <= 1, name
 
@@ -324,13 +351,15 @@ def test_random_resized_crop_box_respects_scale_and_ratio():
     rng = np.random.default_rng(0)
     for _ in range(300):
         width, height = int(rng.integers(20, 200)), int(rng.integers(20, 200))
-        left, top, w, h = augment.random_resized_crop_box(width, height, rng, (0.08, 1.0),
-                                                          (3 / 4, 4 / 3))
-        assert 0 <= left and left + w <= width and 0 <= top and top + h <= height
+        left, top, w, h = augment.random_resized_crop_box(
+            width, height, rng, (0.08, 1.0), (3 / 4, 4 / 3)
+        )
+        assert left >= 0 and left + w <= width and top >= 0 and top + h <= height
         assert w * h >= 0.08 * width * height * 0.8
     # A very wide image falls back to the widest centred crop of the largest allowed ratio.
-    left, top, w, h = augment.random_resized_crop_box(1000, 10, np.random.default_rng(0),
-                                                      (0.99, 1.0), (3 / 4, 4 / 3))
+    left, top, w, h = augment.random_resized_crop_box(
+        1000, 10, np.random.default_rng(0), (0.99, 1.0), (3 / 4, 4 / 3)
+    )
     assert (w, h) == (13, 10) and left == (1000 - 13) // 2
 
 

@@ -1,4 +1,5 @@
 """Segmenting a picture by class names: the CLI's two PNGs and `model.segment` from the handle."""
+
 import jax
 import numpy as np
 import pytest
@@ -28,8 +29,9 @@ def checkpoint(tmp_path_factory):
             return (1 + 0.1 * rng.random(leaf.shape)).astype(leaf.dtype)
         return (rng.standard_normal(leaf.shape) * 0.3).astype(leaf.dtype)
 
-    variables = jax.tree_util.tree_map_with_path(random_leaf,
-                                                 checkpoint_io.abstract_variables(config))
+    variables = jax.tree_util.tree_map_with_path(
+        random_leaf, checkpoint_io.abstract_variables(config)
+    )
     path = str(tmp_path_factory.mktemp("model") / "tiny")
     checkpoint_io.save_model(path, variables, config)
     return path
@@ -48,8 +50,21 @@ def picture(tmp_path_factory):
 def test_cli_writes_overlay_and_indexed_mask(checkpoint, picture, tmp_path, capsys):
     path, image = picture
     output = str(tmp_path / "seg.png")
-    segment.main(["--checkpoint", checkpoint, "--image", path, "--classes", " cat, dog,grass ",
-                  "--output", output, "--bg_thresh", "0.5"] + SMALL_PROTOCOL)
+    segment.main(
+        [
+            "--checkpoint",
+            checkpoint,
+            "--image",
+            path,
+            "--classes",
+            " cat, dog,grass ",
+            "--output",
+            output,
+            "--bg_thresh",
+            "0.5",
+        ]
+        + SMALL_PROTOCOL
+    )
     printed = capsys.readouterr().out
     assert "background" in printed and "grass" in printed
 
@@ -67,12 +82,12 @@ def test_cli_writes_overlay_and_indexed_mask(checkpoint, picture, tmp_path, caps
     # Background pixels keep the picture; the others are blended with their class colour.
     np.testing.assert_array_equal(overlay[mask == 0], image[mask == 0])
     np.testing.assert_array_equal(
-        overlay, visualize.overlay(image, mask, visualize.label_palette(True), alpha=0.5))
+        overlay, visualize.overlay(image, mask, visualize.label_palette(True), alpha=0.5)
+    )
 
     # The Python handle gives the same labels.
     model = mixreorg_jax.load(checkpoint)
-    labels = model.segment(image, list(CLASSES), bg_thresh=0.5, short_side=32, window=32,
-                           stride=16)
+    labels = model.segment(image, list(CLASSES), bg_thresh=0.5, short_side=32, window=32, stride=16)
     np.testing.assert_array_equal(labels, mask)
 
     # Without a background threshold every pixel gets one of the classes.
@@ -83,13 +98,16 @@ def test_cli_writes_overlay_and_indexed_mask(checkpoint, picture, tmp_path, caps
 
 def test_bad_input_is_a_one_line_error(checkpoint, picture, tmp_path):
     path, _ = picture
-    cases = [(["--image", str(tmp_path / "missing.jpg"), "--checkpoint", checkpoint], "no image"),
-             (["--image", path, "--checkpoint", str(tmp_path / "no_model")], "no model")]
+    cases = [
+        (["--image", str(tmp_path / "missing.jpg"), "--checkpoint", checkpoint], "no image"),
+        (["--image", path, "--checkpoint", str(tmp_path / "no_model")], "no model"),
+    ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             segment.main(argv + ["--classes", "cat", "--output", str(tmp_path / "o.png")])
         assert str(exit_info.value.code).startswith("error: ") and message in str(
-            exit_info.value.code)
+            exit_info.value.code
+        )
     with pytest.raises(ValueError, match="class names"):
         segment.segment({}, presets.get_model_config("tiny"), np.zeros((8, 8, 3), np.uint8), [])
 

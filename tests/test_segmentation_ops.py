@@ -1,4 +1,5 @@
 """Segmentation post-processing and mIoU against NumPy / PyTorch references."""
+
 import functools
 
 import jax
@@ -21,22 +22,26 @@ def _torch_resize(x, out_hw):
     t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
     lead = t.shape[:-2]
     t = t.reshape((-1, 1) + t.shape[-2:])
-    out = torch.nn.functional.interpolate(t, size=tuple(out_hw), mode="bilinear",
-                                          align_corners=False)
+    out = torch.nn.functional.interpolate(
+        t, size=tuple(out_hw), mode="bilinear", align_corners=False
+    )
     return out.reshape(lead + tuple(out_hw)).numpy()
 
 
 _resize = jax.jit(seg.resize_bilinear, static_argnums=(1, 2))
 
 
-@pytest.mark.parametrize("in_hw,out_hw", [((4, 4), (64, 64)), ((37, 23), (9, 17)), ((6, 9), (6, 9))])
+@pytest.mark.parametrize(
+    "in_hw,out_hw", [((4, 4), (64, 64)), ((37, 23), (9, 17)), ((6, 9), (6, 9))]
+)
 def test_resize_bilinear_matches_torch(in_hw, out_hw):
     """Upsampling, downsampling (no antialiasing) and identity, on CHW and HWC layouts."""
     x = np.random.default_rng(0).normal(size=(2, 3) + in_hw).astype(np.float32)
     np.testing.assert_allclose(_resize(x, out_hw, (-2, -1)), _torch_resize(x, out_hw), atol=2e-6)
     hwc = np.moveaxis(x[0], 0, -1)  # [h, w, 3]
-    np.testing.assert_allclose(_resize(hwc, out_hw, (0, 1)),
-                               np.moveaxis(_torch_resize(x[0], out_hw), 0, -1), atol=2e-6)
+    np.testing.assert_allclose(
+        _resize(hwc, out_hw, (0, 1)), np.moveaxis(_torch_resize(x[0], out_hw), 0, -1), atol=2e-6
+    )
 
 
 def test_chain_assignments_and_group_masks():
@@ -65,7 +70,7 @@ def _reference_group_class_scores(segments, image, classes, scale, top_k):
         logits = normalize(segments[b]) @ normalize(classes).T * scale  # [G, C]
         probs = _softmax(logits)
         image_probs = _softmax(normalize(image[b]) @ normalize(classes).T * scale)  # [C]
-        keep = np.argsort(-image_probs)[:min(top_k, len(classes))]
+        keep = np.argsort(-image_probs)[: min(top_k, len(classes))]
         masked = np.full_like(logits, -np.inf)
         masked[:, keep] = logits[:, keep]
         out.append(_softmax(masked) * probs)
@@ -87,7 +92,8 @@ def test_group_class_scores_matches_reference(num_classes, scale):
 
     # Top-k filtering: every class outside the crop's top 5 by pooled-image score is exactly 0.
     image_logits = (image / np.linalg.norm(image, axis=-1, keepdims=True)) @ (
-        classes / np.linalg.norm(classes, axis=-1, keepdims=True)).T
+        classes / np.linalg.norm(classes, axis=-1, keepdims=True)
+    ).T
     for b in range(3):
         dropped = np.argsort(-image_logits[b])[5:]
         assert (np.asarray(scores)[b][:, dropped] == 0).all()
@@ -97,13 +103,23 @@ def test_top_k_keeps_the_crops_best_classes_and_clamps_scale():
     # Class c's embedding is the unit vector e_c; the pooled image points mostly at classes 0 and 1.
     classes = np.eye(6, dtype=np.float32)
     image = np.array([[3.0, 2.0, 0.1, 0.0, 0.0, 0.0]], np.float32)
-    segments = np.array([[[0.0, 0.0, 0.0, 0.0, 0.0, 1.0],     # a group that looks like class 5
-                          [1.0, 0.2, 0.0, 0.0, 0.0, 0.0]]], np.float32)
+    segments = np.array(
+        [
+            [
+                [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],  # a group that looks like class 5
+                [1.0, 0.2, 0.0, 0.0, 0.0, 0.0],
+            ]
+        ],
+        np.float32,
+    )
     scores = np.asarray(_group_class_scores(segments, image, classes, 10.0, top_k=2))
     assert (scores[..., 2:] == 0).all()  # class 5 is dropped: the crop does not rank it top 2
     assert scores[0, 1, 0] > scores[0, 1, 1] > 0
-    np.testing.assert_allclose(_group_class_scores(segments, image, classes, 100.0),
-                               _group_class_scores(segments, image, classes, 1e4), rtol=1e-6)
+    np.testing.assert_allclose(
+        _group_class_scores(segments, image, classes, 100.0),
+        _group_class_scores(segments, image, classes, 1e4),
+        rtol=1e-6,
+    )
 
 
 def _reference_pixel_scores(onehot, scores, bg_thresh):
@@ -123,8 +139,9 @@ def test_pixel_class_scores_matches_reference(bg_thresh):
     rng = np.random.default_rng(3)
     groups = rng.integers(0, 5, (2, 6, 7))
     onehot = np.moveaxis(np.eye(5, dtype=np.float32)[groups], -1, 1)
-    scores = (_softmax(rng.normal(size=(2, 5, 4)) * 2) * rng.uniform(0.2, 1, (2, 5, 1))
-              ).astype(np.float32)
+    scores = (_softmax(rng.normal(size=(2, 5, 4)) * 2) * rng.uniform(0.2, 1, (2, 5, 1))).astype(
+        np.float32
+    )
     out = jax.jit(functools.partial(seg.pixel_class_scores, bg_thresh=bg_thresh))(onehot, scores)
     np.testing.assert_array_equal(out, _reference_pixel_scores(onehot, scores, bg_thresh))
     assert out.shape == (2, 4 + (bg_thresh is not None), 6, 7)
@@ -136,30 +153,40 @@ def test_background_rule():
     onehot = np.zeros((1, 2, 1, 2), np.float32)
     onehot[0, 0, 0, 0] = onehot[0, 1, 0, 1] = 1  # pixel 0 in group 0, pixel 1 in group 1
     # 0.95 > matrix max: the threshold becomes 0.5, so the best group stays foreground.
-    np.testing.assert_array_equal(seg.pixel_class_scores(onehot, scores, bg_thresh=0.95)[0, 0],
-                                  [[0.0, 1.0]])
+    np.testing.assert_array_equal(
+        seg.pixel_class_scores(onehot, scores, bg_thresh=0.95)[0, 0], [[0.0, 1.0]]
+    )
     # 0.35 > 0.3: pixel 1 is background; 0.25 < 0.3: it is not.
-    np.testing.assert_array_equal(seg.pixel_class_scores(onehot, scores, bg_thresh=0.35)[0, 0],
-                                  [[0.0, 1.0]])
-    np.testing.assert_array_equal(seg.pixel_class_scores(onehot, scores, bg_thresh=0.25)[0, 0],
-                                  [[0.0, 0.0]])
-    np.testing.assert_array_equal(seg.pixel_class_scores(onehot, scores, bg_thresh=0.25)[0, 1:],
-                                  np.array([[[0.5, 0.2]], [[0.1, 0.3]]], np.float32))
+    np.testing.assert_array_equal(
+        seg.pixel_class_scores(onehot, scores, bg_thresh=0.35)[0, 0], [[0.0, 1.0]]
+    )
+    np.testing.assert_array_equal(
+        seg.pixel_class_scores(onehot, scores, bg_thresh=0.25)[0, 0], [[0.0, 0.0]]
+    )
+    np.testing.assert_array_equal(
+        seg.pixel_class_scores(onehot, scores, bg_thresh=0.25)[0, 1:],
+        np.array([[[0.5, 0.2]], [[0.1, 0.3]]], np.float32),
+    )
 
 
 def test_window_boxes_follow_mmseg_slide_inference():
     assert seg.window_boxes((448, 448)) == [(0, 448, 0, 448)]
     assert seg.window_boxes((448, 597)) == [(0, 448, 0, 448), (0, 448, 149, 597)]
     assert [b[2:] for b in seg.window_boxes((448, 1000))] == [
-        (0, 448), (224, 672), (448, 896), (552, 1000)]
+        (0, 448),
+        (224, 672),
+        (448, 896),
+        (552, 1000),
+    ]
     assert seg.window_boxes((300, 500)) == [(0, 300, 0, 448), (0, 300, 52, 500)]
     assert seg.window_boxes((672, 448)) == [(0, 448, 0, 448), (224, 672, 0, 448)]
 
 
 def _crop_scores(crops, xp):
     """A stand-in model: [n, h, w, 3] -> [n, 4, h, w], depending on the whole crop (its mean)."""
-    per_pixel = xp.stack([crops[..., 0], crops[..., 1] * 2, crops[..., 2] - crops[..., 0],
-                          -crops[..., 1]], axis=1)
+    per_pixel = xp.stack(
+        [crops[..., 0], crops[..., 1] * 2, crops[..., 2] - crops[..., 0], -crops[..., 1]], axis=1
+    )
     crop_means = xp.mean(crops, axis=(1, 2, 3))
     return per_pixel + crop_means[:, None, None, None] * xp.arange(4.0)[None, :, None, None]
 
@@ -183,8 +210,9 @@ def test_sliding_window_inference(hw):
     image = np.random.default_rng(4).normal(size=hw + (3,)).astype(np.float32)
     expected = _reference_slide(image, 8, 4)
     for windows_per_call in (None, 3):
-        out = seg.sliding_window_inference(jnp.asarray(image), _crop_fn, window=8, stride=4,
-                                           windows_per_call=windows_per_call)
+        out = seg.sliding_window_inference(
+            jnp.asarray(image), _crop_fn, window=8, stride=4, windows_per_call=windows_per_call
+        )
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
     jitted = jax.jit(lambda x: seg.sliding_window_inference(x, _crop_fn, window=8, stride=4))
     np.testing.assert_allclose(jitted(image), expected, rtol=1e-5, atol=1e-6)
@@ -194,8 +222,8 @@ def test_sliding_window_inference(hw):
 def test_sliding_window_equals_single_window_when_the_image_fits(hw):
     image = jnp.asarray(np.random.default_rng(5).normal(size=hw + (3,)), jnp.float32)
     np.testing.assert_array_equal(
-        seg.sliding_window_inference(image, _crop_fn, window=8, stride=4),
-        _crop_fn(image[None])[0])
+        seg.sliding_window_inference(image, _crop_fn, window=8, stride=4), _crop_fn(image[None])[0]
+    )
 
 
 def test_windows_per_call_fixes_the_crop_batch():
@@ -205,8 +233,9 @@ def test_windows_per_call_fixes_the_crop_batch():
         shapes.append(crops.shape)
         return _crop_fn(crops)
 
-    seg.sliding_window_inference(jnp.zeros((8, 21, 3)), recording_crop_fn, window=8, stride=4,
-                                 windows_per_call=3)
+    seg.sliding_window_inference(
+        jnp.zeros((8, 21, 3)), recording_crop_fn, window=8, stride=4, windows_per_call=3
+    )
     assert shapes == [(3, 8, 8, 3)] * 2  # 5 windows, padded to 6
 
 
@@ -218,8 +247,9 @@ def test_resize_short_side():
     image = np.random.default_rng(6).integers(0, 256, (9, 13, 3)).astype(np.uint8)
     resized = seg.resize_short_side(jnp.asarray(image), short=16, max_long=64)
     assert resized.dtype == jnp.uint8 and resized.shape == (16, 23, 3)
-    expected = np.moveaxis(_torch_resize(np.moveaxis(image, -1, 0).astype(np.float32), (16, 23)),
-                           0, -1)
+    expected = np.moveaxis(
+        _torch_resize(np.moveaxis(image, -1, 0).astype(np.float32), (16, 23)), 0, -1
+    )
     assert np.abs(np.asarray(resized, np.float32) - expected).max() <= 0.5 + 1e-3
     resized_float = seg.resize_short_side(jnp.asarray(image, jnp.float32), short=16, max_long=64)
     np.testing.assert_allclose(resized_float, expected, atol=1e-4)
@@ -227,15 +257,18 @@ def test_resize_short_side():
 
 def test_segment_image_end_to_end():
     image = np.random.default_rng(7).integers(0, 256, (12, 20, 3)).astype(np.uint8)
-    prediction = seg.segment_image(jnp.asarray(image), _crop_fn, short=16, max_long=64, window=16,
-                                   stride=8, windows_per_call=2)
+    prediction = seg.segment_image(
+        jnp.asarray(image), _crop_fn, short=16, max_long=64, window=16, stride=8, windows_per_call=2
+    )
     # Reference: PyTorch resize, rounded to uint8, ImageNet normalisation, NumPy sliding window,
     # PyTorch resize back, argmax.
-    resized = np.moveaxis(_torch_resize(np.moveaxis(image, -1, 0).astype(np.float32), (16, 27)),
-                          0, -1)
+    resized = np.moveaxis(
+        _torch_resize(np.moveaxis(image, -1, 0).astype(np.float32), (16, 27)), 0, -1
+    )
     resized = np.clip(np.round(resized), 0, 255)
-    normalised = ((resized - np.array(seg.IMAGENET_MEAN_255)) / np.array(seg.IMAGENET_STD_255)
-                  ).astype(np.float32)
+    normalised = (
+        (resized - np.array(seg.IMAGENET_MEAN_255)) / np.array(seg.IMAGENET_STD_255)
+    ).astype(np.float32)
     scores = _torch_resize(_reference_slide(normalised, 16, 8), (12, 20))
     assert prediction.dtype == jnp.int32 and prediction.shape == (12, 20)
     np.testing.assert_array_equal(prediction, scores.argmax(axis=0))
@@ -265,8 +298,8 @@ def test_miou_matches_reference():
         preds.append(pred)
         labels.append(label)
     confusion = jax.jit(miou.confusion_matrix, static_argnums=2)
-    total = sum(np.asarray(confusion(p, l, num_classes), np.int64) for p, l in zip(preds, labels))
-    assert total.sum() == sum(int((l != 255).sum()) for l in labels)
+    total = sum(np.asarray(confusion(p, t, num_classes), np.int64) for p, t in zip(preds, labels))
+    assert total.sum() == sum(int((t != 255).sum()) for t in labels)
     value, per_class = miou.miou_from_confusion(total)
     expected_value, expected_per_class = _reference_miou(preds, labels, num_classes)
     np.testing.assert_allclose(per_class, expected_per_class, rtol=1e-12)

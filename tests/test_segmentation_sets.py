@@ -1,4 +1,5 @@
 """Segmentation eval set readers on tiny fixture trees in each set's standard layout."""
+
 import os
 import sys
 import types
@@ -30,8 +31,9 @@ def _write_label(path, label, palette=False):
     label_image.save(path)
 
 
-def _build_tree(root, image_dir, label_dir, label_suffix, ids, rng, max_label, palette=False,
-                split_file=None):
+def _build_tree(
+    root, image_dir, label_dir, label_suffix, ids, rng, max_label, palette=False, split_file=None
+):
     """Writes images + labels; returns {id: (image array, label array, image path)}."""
     written = {}
     for k, i in enumerate(ids):
@@ -75,8 +77,17 @@ def test_voc(tmp_path):
     rng = np.random.default_rng(0)
     root = tmp_path / "VOCdevkit" / "VOC2012"
     ids = ["2007_000033", "2007_000042", "2007_000061"]
-    written = _build_tree(str(root), "JPEGImages", "SegmentationClass", ".png", ids, rng, 20,
-                          palette=True, split_file="ImageSets/Segmentation/val.txt")
+    written = _build_tree(
+        str(root),
+        "JPEGImages",
+        "SegmentationClass",
+        ".png",
+        ids,
+        rng,
+        20,
+        palette=True,
+        split_file="ImageSets/Segmentation/val.txt",
+    )
     with Image.open(root / "SegmentationClass" / (ids[0] + ".png")) as f:
         assert f.mode == "P"
     dataset = sets.get_segmentation_dataset("voc", str(tmp_path))
@@ -93,8 +104,16 @@ def test_pascal_context_60_and_59(tmp_path):
     rng = np.random.default_rng(1)
     root = tmp_path / "VOCdevkit" / "VOC2010"
     ids = ["2008_000002", "2008_000008"]
-    written = _build_tree(str(root), "JPEGImages", "SegmentationClassContext", ".png", ids, rng, 59,
-                          split_file="ImageSets/SegmentationContext/val.txt")
+    written = _build_tree(
+        str(root),
+        "JPEGImages",
+        "SegmentationClassContext",
+        ".png",
+        ids,
+        rng,
+        59,
+        split_file="ImageSets/SegmentationContext/val.txt",
+    )
     context60 = sets.get_segmentation_dataset("context60", str(tmp_path))
     _check_examples(context60, written, ids, lambda label: label)
     assert context60.has_background and len(context60.class_names) == 60
@@ -114,8 +133,9 @@ def test_coco_object(tmp_path):
     rng = np.random.default_rng(2)
     root = tmp_path / "coco"
     ids = ["000000000285", "000000000139", "000000000632"]
-    written = _build_tree(str(root), "images/val2017", "annotations/val2017",
-                          "_instanceTrainIds.png", ids, rng, 80)
+    written = _build_tree(
+        str(root), "images/val2017", "annotations/val2017", "_instanceTrainIds.png", ids, rng, 80
+    )
     # A training image must not leak into val.
     _write_jpeg(str(root / "images" / "train2017" / "000000000009.jpg"), rng, (8, 8))
     dataset = sets.get_segmentation_dataset("coco_object", str(tmp_path))
@@ -130,8 +150,9 @@ def test_ade20k(tmp_path):
     rng = np.random.default_rng(3)
     root = tmp_path / "ADEChallengeData2016"
     ids = ["ADE_val_00000002", "ADE_val_00000001"]
-    written = _build_tree(str(root), "images/validation", "annotations/validation", ".png", ids,
-                          rng, 150)
+    written = _build_tree(
+        str(root), "images/validation", "annotations/validation", ".png", ids, rng, 150
+    )
     dataset = sets.get_segmentation_dataset("ade20k", str(tmp_path))
     _check_examples(dataset, written, sorted(ids), _reference_reduce_zero)
     assert not dataset.has_background and len(dataset.class_names) == 150
@@ -177,7 +198,9 @@ def test_bad_label_png_and_index(tmp_path):
 
 
 def test_unknown_name_and_split(tmp_path):
-    with pytest.raises(ValueError, match="voc, context60, context59, coco_object, ade20k, synthetic"):
+    with pytest.raises(
+        ValueError, match="voc, context60, context59, coco_object, ade20k, synthetic"
+    ):
         sets.get_segmentation_dataset("cityscapes", str(tmp_path))
     with pytest.raises(ValueError, match="split"):
         sets.get_segmentation_dataset("coco_object", str(tmp_path), split="test")

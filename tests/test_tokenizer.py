@@ -4,6 +4,7 @@ The reference module is loaded from its file: importing the `clip` package would
 torchvision. Its rows are built as `clip.tokenize(texts, context_length, truncate=True)` builds
 them: SOT + BPE + EOT, cut to `context_length` with EOT written last, zero-padded.
 """
+
 import gzip
 import hashlib
 import importlib.util
@@ -125,10 +126,55 @@ def test_batch_matches_openai(openai_reference, tokenize):
 
 # Pieces of the tricky texts, recombined at random by hypothesis.
 _FRAGMENTS = [
-    "a", "Photo", " ", "  ", "\t", "\n", "\r\n", "'s", "'T", "'re", "'", "&amp;", "&amp;amp;",
-    "&#769;", "&lt;", "&", ";", "é", "e\u0301", "Ã©", "â€œ", "ﬁ", "Ａ", "日本", "🙂", "🏽", "\u200d",
-    "1", "23", "½", "٣", "...", "?!", "<|endoftext|>", "<|startoftext|>", "<|", "|>", "ſ", "\u0345",
-    "İ", "ß", "Σ", "\x1b[1m", "\x00", "\x1c", "\u00a0", "\u3000", "\u2028", "\x85",
+    "a",
+    "Photo",
+    " ",
+    "  ",
+    "\t",
+    "\n",
+    "\r\n",
+    "'s",
+    "'T",
+    "'re",
+    "'",
+    "&amp;",
+    "&amp;amp;",
+    "&#769;",
+    "&lt;",
+    "&",
+    ";",
+    "é",
+    "e\u0301",
+    "Ã©",
+    "â€œ",
+    "ﬁ",
+    "Ａ",
+    "日本",
+    "🙂",
+    "🏽",
+    "\u200d",
+    "1",
+    "23",
+    "½",
+    "٣",
+    "...",
+    "?!",
+    "<|endoftext|>",
+    "<|startoftext|>",
+    "<|",
+    "|>",
+    "ſ",
+    "\u0345",
+    "İ",
+    "ß",
+    "Σ",
+    "\x1b[1m",
+    "\x00",
+    "\x1c",
+    "\u00a0",
+    "\u3000",
+    "\u2028",
+    "\x85",
 ]
 
 
@@ -250,7 +296,9 @@ def test_missing_vocabulary_file(tmp_path):
         (gzip.compress(b"\xff\xfe not utf-8", mtime=0), "not a gzipped UTF-8"),
         (gzip.compress(b"#version: 0.2\na b\n", mtime=0), "holds 2 merges"),
         (
-            gzip.compress(b"#version: 0.2\n" + b"a b\n" * 10 + b"abc\n" + b"a b\n" * 50000, mtime=0),
+            gzip.compress(
+                b"#version: 0.2\n" + b"a b\n" * 10 + b"abc\n" + b"a b\n" * 50000, mtime=0
+            ),
             "line 12 is not a merge",
         ),
         (gzip.compress(b"#version: 0.2\n" + b"a b\n" * 50000, mtime=0), "duplicate vocabulary"),

@@ -10,6 +10,7 @@ the same two configs (`tiny_config`): a persistent compilation cache, shared by 
 workers and the training subprocesses, compiles each distinct program once per session, and
 within a worker later runs of a config reuse its jitted functions.
 """
+
 import contextlib
 import fcntl
 import hashlib
@@ -31,8 +32,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from mixreorg_jax import checkpoint_io, model_init, optim, sharding, train, train_config
-from mixreorg_jax import train_step
+from mixreorg_jax import checkpoint_io, model_init, optim, sharding, train, train_config, train_step
 from mixreorg_jax.data import pipeline
 from mixreorg_jax.models import groupvit
 
@@ -82,9 +82,20 @@ _PROGRAMS = {}
 
 def _program_key(config: ml_collections.ConfigDict, mesh=None):
     """What the init and update programs depend on: all but where data, logs and checkpoints go."""
-    relevant = {k: v for k, v in config.to_dict().items()
-                if k not in ("data", "checkpoint", "log_every_steps", "resume", "model_init",
-                             "model_init_load", "evals")}
+    relevant = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k
+        not in (
+            "data",
+            "checkpoint",
+            "log_every_steps",
+            "resume",
+            "model_init",
+            "model_init_load",
+            "evals",
+        )
+    }
     relevant["batch_size"] = config.data.batch_size
     return json.dumps(relevant, sort_keys=True, default=str), mesh
 
@@ -95,6 +106,7 @@ def reuse_train_programs():
 
     Saves each later `train_and_evaluate` of a config its tracing (~10 s of CPU here).
     """
+
     def memoized(make):
         def make_or_reuse(model, config, *args):
             if config.total_epochs or config.warmup_epochs:  # steps would depend on the data
@@ -104,6 +116,7 @@ def reuse_train_programs():
             if key not in _PROGRAMS:
                 _PROGRAMS[key] = make(model, config, *args)
             return _PROGRAMS[key]
+
         return make_or_reuse
 
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -124,11 +137,17 @@ def synthetic_dir(shared_root) -> pathlib.Path:
 def trainer_parts(config: ml_collections.ConfigDict):
     """(model, schedule, optimiser, init fn, base key), built as `train_and_evaluate` does."""
     model = groupvit.GroupViT(config.model)
-    schedule = optim.make_schedule(config.optim, config.total_steps, config.warmup_steps,
-                                   config.data.batch_size)
+    schedule = optim.make_schedule(
+        config.optim, config.total_steps, config.warmup_steps, config.data.batch_size
+    )
     tx = optim.make_optimizer(config.optim, schedule)
-    return model, schedule, tx, train_step.make_init_fn(model, config, tx), jax.random.key(
-        config.seed)
+    return (
+        model,
+        schedule,
+        tx,
+        train_step.make_init_fn(model, config, tx),
+        jax.random.key(config.seed),
+    )
 
 
 _DONE_IN_THIS_PROCESS = set()
@@ -155,13 +174,19 @@ def compiled_init(shared_root, synthetic_dir, persistent_compile_cache, reuse_tr
 def tiny_config(name: str, synthetic_dir, extra: dict | None = None) -> ml_collections.ConfigDict:
     """`configs/<name>.py:tiny` as every test here trains it, with `extra` overrides (see
     `cli_overrides`)."""
-    return train_config.apply_overrides(train_config.from_file(f"{REPO}/configs/{name}.py:tiny"),
-                                        _overrides(synthetic_dir, extra))
+    return train_config.apply_overrides(
+        train_config.from_file(f"{REPO}/configs/{name}.py:tiny"), _overrides(synthetic_dir, extra)
+    )
 
 
 def _overrides(synthetic_dir, extra: dict | None = None) -> dict:
-    return {"data.synthetic_dir": str(synthetic_dir), "total_steps": TOTAL_STEPS,
-            "log_every_steps": 1, "checkpoint.every_steps": 1000, **(extra or {})}
+    return {
+        "data.synthetic_dir": str(synthetic_dir),
+        "total_steps": TOTAL_STEPS,
+        "log_every_steps": 1,
+        "checkpoint.every_steps": 1000,
+        **(extra or {}),
+    }
 
 
 def cli_overrides(synthetic_dir, extra: dict | None = None) -> list[str]:
@@ -196,8 +221,11 @@ class TappedIterator(pipeline.TrainIterator):
 
 def tap_pipeline(monkeypatch, hook):
     make = pipeline.make_train_iterator
-    monkeypatch.setattr(pipeline, "make_train_iterator",
-                        lambda *args, **kwargs: TappedIterator(make(*args, **kwargs), hook))
+    monkeypatch.setattr(
+        pipeline,
+        "make_train_iterator",
+        lambda *args, **kwargs: TappedIterator(make(*args, **kwargs), hook),
+    )
 
 
 def fingerprint(batch: dict) -> str:
@@ -209,14 +237,19 @@ def fingerprint(batch: dict) -> str:
 
 def read_state(workdir, step: int) -> dict:
     """A training checkpoint's state as host numpy arrays, whatever devices or processes wrote it."""
-    manager = ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints",
-                                    item_handlers={"state": ocp.StandardCheckpointHandler()},
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(
+        pathlib.Path(workdir) / "checkpoints",
+        item_handlers={"state": ocp.StandardCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          manager.item_metadata(step)["state"])
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        manager.item_metadata(step)["state"],
+    )
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))[
+        "state"
+    ]
     manager.close()
     return jax.device_get(state)
 
@@ -237,8 +270,13 @@ def assert_trees_equal(actual, expected, rtol=0.0, atol=0.0):
     expected_leaves, expected_structure = jax.tree_util.tree_flatten_with_path(expected)
     assert actual_structure == expected_structure
     for (path, value), (_, expected_value) in zip(actual_leaves, expected_leaves):
-        np.testing.assert_allclose(np.asarray(value), np.asarray(expected_value), rtol=rtol,
-                                   atol=atol, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(value),
+            np.asarray(expected_value),
+            rtol=rtol,
+            atol=atol,
+            err_msg=jax.tree_util.keystr(path),
+        )
 
 
 def assert_loss_went_down(metrics: list[dict]):
@@ -268,8 +306,9 @@ def shared_mixreorg_run(shared_root, synthetic_dir) -> tuple[pathlib.Path, list[
 
             with pytest.MonkeyPatch.context() as monkeypatch:
                 tap_pipeline(monkeypatch, record_batch)
-                last = train.train_and_evaluate(tiny_config("mixreorg", synthetic_dir),
-                                                str(workdir))
+                last = train.train_and_evaluate(
+                    tiny_config("mixreorg", synthetic_dir), str(workdir)
+                )
             record.write_text(json.dumps({"batches": seen, "last": last}))
     saved = json.loads(record.read_text())
     assert len(saved["batches"]) == TOTAL_STEPS
@@ -308,13 +347,19 @@ def test_mixreorg_trains(mixreorg_run):
 def test_trained_workdir_evaluates_on_a_voc_layout(mixreorg_run, tmp_path):
     """The eval binary on a VOC-layout fixture, from the few-step MixReorg run's workdir."""
     from test_evaluate import IMAGE_SIZES, SMALL_PROTOCOL, run_binary, write_voc_fixture
+
     workdir, _, _ = mixreorg_run
     labels = write_voc_fixture(str(tmp_path / "voc"), IMAGE_SIZES)
-    results = run_binary([f"--config={REPO / 'configs' / 'eval' / 'voc.py'}",
-                          f"--config.data_dir={tmp_path / 'voc'}",
-                          *[f"--config.{k}={v}" for k, v in SMALL_PROTOCOL.items()],
-                          "--config.save_predictions=1", f"--checkpoint={workdir}",
-                          f"--output_dir={tmp_path / 'out'}"])
+    results = run_binary(
+        [
+            f"--config={REPO / 'configs' / 'eval' / 'voc.py'}",
+            f"--config.data_dir={tmp_path / 'voc'}",
+            *[f"--config.{k}={v}" for k, v in SMALL_PROTOCOL.items()],
+            "--config.save_predictions=1",
+            f"--checkpoint={workdir}",
+            f"--output_dir={tmp_path / 'out'}",
+        ]
+    )
     assert results["num_images"] == len(labels)
     assert results["checkpoint"] == str(workdir)
     confusion = np.asarray(results["confusion_matrix"])
@@ -333,16 +378,20 @@ def test_same_steps_on_1_device_8_devices_and_fsdp(synthetic_dir, mixreorg_run):
     model, schedule, tx, init, rng = trainer_parts(config)
 
     def mesh_of(data_axis, fsdp_axis, devices=None):
-        return sharding.make_mesh(ml_collections.ConfigDict(dict(data=data_axis, fsdp=fsdp_axis)),
-                                  devices=devices)
+        return sharding.make_mesh(
+            ml_collections.ConfigDict(dict(data=data_axis, fsdp=fsdp_axis)), devices=devices
+        )
 
     # One initial state (the trainer's jitted, sharded init), copied onto each mesh.
     _, shardings8 = train_step.abstract_state(init, rng, mesh_of(8, 1))
     initial = jax.device_get(jax.jit(init, out_shardings=shardings8)(rng))
 
     results = {}
-    for name, mesh in [("1 device", mesh_of(1, 1, jax.devices()[:1])),
-                       ("data=8", mesh_of(8, 1)), ("data=4 fsdp=2", mesh_of(4, 2))]:
+    for name, mesh in [
+        ("1 device", mesh_of(1, 1, jax.devices()[:1])),
+        ("data=8", mesh_of(8, 1)),
+        ("data=4 fsdp=2", mesh_of(4, 2)),
+    ]:
         _, shardings = train_step.abstract_state(init, rng, mesh)
         update = train_step.make_update_fn(model, config, tx, schedule, mesh, shardings, rng)
         state, metrics = jax.device_put(initial, shardings), []
@@ -356,10 +405,12 @@ def test_same_steps_on_1_device_8_devices_and_fsdp(synthetic_dir, mixreorg_run):
     # sharding.fsdp_sharding's size threshold (in the tiny model: the token embedding, and its
     # Adam moments), the rest is replicated.
     fsdp_state = results["data=4 fsdp=2"][2]
-    leaves = [(jax.tree_util.keystr(path), x)
-              for path, x in jax.tree_util.tree_leaves_with_path(fsdp_state)]
+    leaves = [
+        (jax.tree_util.keystr(path), x)
+        for path, x in jax.tree_util.tree_leaves_with_path(fsdp_state)
+    ]
     split = [name for name, x in leaves if x.addressable_shards[0].data.size * 2 == x.size]
-    large = [name for name, x in leaves if x.size >= 2 ** 14]
+    large = [name for name, x in leaves if x.size >= 2**14]
     assert split == large and len(split) == 3, (split, large)
     assert any("token_embedding" in name for name in split)
 
@@ -370,8 +421,9 @@ def test_same_steps_on_1_device_8_devices_and_fsdp(synthetic_dir, mixreorg_run):
         state, metrics, _ = results[name]
         for step_metrics, step_reference in zip(metrics, reference_metrics):
             assert_trees_equal(step_metrics, step_reference, rtol=1e-5, atol=1e-5)
-        assert_same_training_state(state, reference_state, config.optim, learning_rates,
-                                   tolerance=1e-5)
+        assert_same_training_state(
+            state, reference_state, config.optim, learning_rates, tolerance=1e-5
+        )
 
 
 def adam_moments(state) -> dict:
@@ -381,14 +433,18 @@ def adam_moments(state) -> dict:
         return {"mu": state.mu, "nu": state.nu}
     if isinstance(state, dict) and {"mu", "nu"} <= state.keys():
         return {"mu": state["mu"], "nu": state["nu"]}
-    children = state.values() if isinstance(state, dict) else (
-        state if isinstance(state, (list, tuple)) else ())
+    children = (
+        state.values()
+        if isinstance(state, dict)
+        else (state if isinstance(state, (list, tuple)) else ())
+    )
     found = [m for child in children if (m := adam_moments(child)) is not None]
     return found[0] if found else None
 
 
-def assert_same_training_state(state, reference, optim_config, learning_rates, *, tolerance,
-                               compare_moments=True):
+def assert_same_training_state(
+    state, reference, optim_config, learning_rates, *, tolerance, compare_moments=True
+):
     """Train states after the same steps with another device or process layout: equal up to
     float32 reassociation (`tolerance`, relative and absolute).
 
@@ -401,8 +457,10 @@ def assert_same_training_state(state, reference, optim_config, learning_rates, *
     moments = adam_moments(state["opt_state"])
     reference_moments = adam_moments(reference["opt_state"])
     steps = int(reference["step"])
-    rms_gradient = [np.sqrt(np.asarray(nu) / (1 - optim_config.b2 ** steps))
-                    for nu in jax.tree.leaves(reference_moments["nu"])]
+    rms_gradient = [
+        np.sqrt(np.asarray(nu) / (1 - optim_config.b2**steps))
+        for nu in jax.tree.leaves(reference_moments["nu"])
+    ]
     largest = max(float(rms.max()) for rms in rms_gradient)
     noise = [float(rms.max()) < 1e-4 * largest for rms in rms_gradient]
     # Most leaves are compared tightly (measured: 35 of 209 are below the threshold after 12
@@ -411,29 +469,41 @@ def assert_same_training_state(state, reference, optim_config, learning_rates, *
     noise_step = 4 * sum(learning_rates)
 
     def compare(tree, reference_tree, noise_atol):
-        leaves = zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(reference_tree),
-                     noise)
+        leaves = zip(
+            jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(reference_tree), noise
+        )
         for (path, value), expected, is_noise in leaves:
             np.testing.assert_allclose(
-                np.asarray(value), np.asarray(expected), rtol=0 if is_noise else tolerance,
-                atol=noise_atol if is_noise else tolerance, err_msg=jax.tree_util.keystr(path))
+                np.asarray(value),
+                np.asarray(expected),
+                rtol=0 if is_noise else tolerance,
+                atol=noise_atol if is_noise else tolerance,
+                err_msg=jax.tree_util.keystr(path),
+            )
 
     compare(state["params"], reference["params"], noise_step)
     if compare_moments:  # the gradients' moments; the noise is tiny in absolute terms
         compare(moments["mu"], reference_moments["mu"], tolerance)
         compare(moments["nu"], reference_moments["nu"], tolerance)
-    for (path, value), expected in zip(jax.tree_util.tree_leaves_with_path(state["batch_stats"]),
-                                       jax.tree.leaves(reference["batch_stats"])):
+    for (path, value), expected in zip(
+        jax.tree_util.tree_leaves_with_path(state["batch_stats"]),
+        jax.tree.leaves(reference["batch_stats"]),
+    ):
         name = jax.tree_util.keystr(path)
-        np.testing.assert_allclose(value, expected, rtol=tolerance,
-                                   atol=noise_step if name.endswith("['mean']") else tolerance,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            value,
+            expected,
+            rtol=tolerance,
+            atol=noise_step if name.endswith("['mean']") else tolerance,
+            err_msg=name,
+        )
     assert state["step"] == reference["step"]
 
 
 # ---------------------------------------------------------------- preemption and resume
-def test_resume_after_preemption_equals_uninterrupted_run(tmp_path, synthetic_dir,
-                                                          monkeypatch, mixreorg_run):
+def test_resume_after_preemption_equals_uninterrupted_run(
+    tmp_path, synthetic_dir, monkeypatch, mixreorg_run
+):
     """N steps, a SIGTERM, N more steps from the checkpoint == 2N steps without a stop."""
     uninterrupted_dir, uninterrupted_batches, _ = mixreorg_run
     stop_at = TOTAL_STEPS // 2
@@ -455,11 +525,11 @@ def test_resume_after_preemption_equals_uninterrupted_run(tmp_path, synthetic_di
     train.train_and_evaluate(config, str(tmp_path))  # the same command again resumes
     assert seen == uninterrupted_batches  # the data order, across the stop
     assert losses_only(read_metrics(tmp_path)) == losses_only(read_metrics(uninterrupted_dir))
-    assert_trees_equal(read_state(tmp_path, TOTAL_STEPS),
-                       read_state(uninterrupted_dir, TOTAL_STEPS))
-    data_state = "checkpoints/%d/data/process_0-of-1.json" % TOTAL_STEPS
-    assert ((tmp_path / data_state).read_text()
-            == (uninterrupted_dir / data_state).read_text())
+    assert_trees_equal(
+        read_state(tmp_path, TOTAL_STEPS), read_state(uninterrupted_dir, TOTAL_STEPS)
+    )
+    data_state = f"checkpoints/{TOTAL_STEPS}/data/process_0-of-1.json"
+    assert (tmp_path / data_state).read_text() == (uninterrupted_dir / data_state).read_text()
 
 
 def _stderr_watcher(process: subprocess.Popen, marker: str):
@@ -478,13 +548,25 @@ def _stderr_watcher(process: subprocess.Popen, marker: str):
 
 
 def test_sigterm_to_training_process_saves_a_checkpoint_to_resume_from(
-        tmp_path, synthetic_dir, compile_cache_dir, mixreorg_run):
+    tmp_path, synthetic_dir, compile_cache_dir, mixreorg_run
+):
     uninterrupted_dir, _, _ = mixreorg_run
-    command = [sys.executable, "-m", "mixreorg_jax.train",
-               f"--config={REPO / 'configs' / 'mixreorg.py'}:tiny", f"--workdir={tmp_path}",
-               *cli_overrides(synthetic_dir)]
-    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(compile_cache_dir),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "mixreorg_jax.train",
+        f"--config={REPO / 'configs' / 'mixreorg.py'}:tiny",
+        f"--workdir={tmp_path}",
+        *cli_overrides(synthetic_dir),
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=subprocess_env(compile_cache_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # Logged once the preemption handler is installed, just before the first step.
         lines, started = _stderr_watcher(process, "training steps 0 -> ")
@@ -505,13 +587,15 @@ def test_sigterm_to_training_process_saves_a_checkpoint_to_resume_from(
     # uninterrupted run does.
     train.train_and_evaluate(tiny_config("mixreorg", synthetic_dir), str(tmp_path))
     assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, TOTAL_STEPS + 1))
-    assert_trees_equal(read_state(tmp_path, TOTAL_STEPS),
-                       read_state(uninterrupted_dir, TOTAL_STEPS))
+    assert_trees_equal(
+        read_state(tmp_path, TOTAL_STEPS), read_state(uninterrupted_dir, TOTAL_STEPS)
+    )
 
 
 # ---------------------------------------------------------------- divergence
-def test_non_finite_loss_stops_naming_step_terms_and_last_checkpoint(tmp_path, synthetic_dir,
-                                                                     monkeypatch, mixreorg_run):
+def test_non_finite_loss_stops_naming_step_terms_and_last_checkpoint(
+    tmp_path, synthetic_dir, monkeypatch, mixreorg_run
+):
     config = tiny_config("mixreorg", synthetic_dir)  # mixreorg_run's: its programs are reused
     config.checkpoint.every_steps = 2
     bad_step = 3
@@ -555,11 +639,16 @@ def _save_hf_vit(folder, model_config, *, width=None, deit=False):
 
     torch.manual_seed(0)
     width = width or model_config.width
-    kwargs = dict(hidden_size=width, num_hidden_layers=sum(model_config.depths),
-                  num_attention_heads=model_config.num_heads,
-                  intermediate_size=int(width * model_config.mlp_ratio),
-                  image_size=model_config.image_size, patch_size=model_config.patch_size,
-                  num_channels=3, qkv_bias=True)
+    kwargs = dict(
+        hidden_size=width,
+        num_hidden_layers=sum(model_config.depths),
+        num_attention_heads=model_config.num_heads,
+        intermediate_size=int(width * model_config.mlp_ratio),
+        image_size=model_config.image_size,
+        patch_size=model_config.patch_size,
+        num_channels=3,
+        qkv_bias=True,
+    )
     if deit:
         model = transformers.DeiTModel(transformers.DeiTConfig(**kwargs), add_pooling_layer=False)
     else:
@@ -569,14 +658,16 @@ def _save_hf_vit(folder, model_config, *, width=None, deit=False):
             parameter.normal_(0.0, 0.02)
     model.save_pretrained(folder)
     assert json.loads((folder / "config.json").read_text())["model_type"] == (
-        "deit" if deit else "vit")
+        "deit" if deit else "vit"
+    )
     # The tensors as saved (the Hub's names, e.g. encoder.layer.0.attention.attention.query).
     return checkpoint_io.read_safetensors(str(folder / "model.safetensors"))
 
 
 @pytest.mark.parametrize("deit", [False, True], ids=["vit", "deit_with_distillation_token"])
 def test_model_init_from_hf_vit_copies_patch_embedding_positions_and_blocks(
-        tmp_path, initial_state, deit):
+    tmp_path, initial_state, deit
+):
     config, state, shardings = initial_state
     source = _save_hf_vit(tmp_path, config.model, deit=deit)
     before = jax.device_get(state)
@@ -586,42 +677,56 @@ def test_model_init_from_hf_vit_copies_patch_embedding_positions_and_blocks(
     vision = after["params"]["model"]["vision"]
     patch = source["embeddings.patch_embeddings.projection.weight"]  # [out, in, kh, kw]
     np.testing.assert_array_equal(vision["patch_embed"]["kernel"], patch.transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(vision["patch_embed"]["bias"],
-                                  source["embeddings.patch_embeddings.projection.bias"])
+    np.testing.assert_array_equal(
+        vision["patch_embed"]["bias"], source["embeddings.patch_embeddings.projection.bias"]
+    )
     extra_tokens = 2 if deit else 1  # class (+ distillation) positions are dropped
-    np.testing.assert_array_equal(vision["position_embedding"],
-                                  source["embeddings.position_embeddings"][:, extra_tokens:])
+    np.testing.assert_array_equal(
+        vision["position_embedding"], source["embeddings.position_embeddings"][:, extra_tokens:]
+    )
     layer = 0
     for stage, depth in enumerate(config.model.depths):
         for block in range(depth):
             ours, theirs = vision[f"stages_{stage}"][f"blocks_{block}"], f"encoder.layer.{layer}."
-            for our_proj, their_proj in (("query", "attention.attention.query"),
-                                         ("key", "attention.attention.key"),
-                                         ("value", "attention.attention.value"),
-                                         ("out", "attention.output.dense")):
-                np.testing.assert_array_equal(ours["attn"][our_proj]["kernel"],
-                                              source[f"{theirs}{their_proj}.weight"].T)
-                np.testing.assert_array_equal(ours["attn"][our_proj]["bias"],
-                                              source[f"{theirs}{their_proj}.bias"])
+            for our_proj, their_proj in (
+                ("query", "attention.attention.query"),
+                ("key", "attention.attention.key"),
+                ("value", "attention.attention.value"),
+                ("out", "attention.output.dense"),
+            ):
+                np.testing.assert_array_equal(
+                    ours["attn"][our_proj]["kernel"], source[f"{theirs}{their_proj}.weight"].T
+                )
+                np.testing.assert_array_equal(
+                    ours["attn"][our_proj]["bias"], source[f"{theirs}{their_proj}.bias"]
+                )
             for our_fc, their_fc in (("fc1", "intermediate.dense"), ("fc2", "output.dense")):
-                np.testing.assert_array_equal(ours["mlp"][our_fc]["kernel"],
-                                              source[f"{theirs}{their_fc}.weight"].T)
-                np.testing.assert_array_equal(ours["mlp"][our_fc]["bias"],
-                                              source[f"{theirs}{their_fc}.bias"])
-            for our_norm, their_norm in (("norm1", "layernorm_before"),
-                                         ("norm2", "layernorm_after")):
-                np.testing.assert_array_equal(ours[our_norm]["scale"],
-                                              source[f"{theirs}{their_norm}.weight"])
-                np.testing.assert_array_equal(ours[our_norm]["bias"],
-                                              source[f"{theirs}{their_norm}.bias"])
+                np.testing.assert_array_equal(
+                    ours["mlp"][our_fc]["kernel"], source[f"{theirs}{their_fc}.weight"].T
+                )
+                np.testing.assert_array_equal(
+                    ours["mlp"][our_fc]["bias"], source[f"{theirs}{their_fc}.bias"]
+                )
+            for our_norm, their_norm in (
+                ("norm1", "layernorm_before"),
+                ("norm2", "layernorm_after"),
+            ):
+                np.testing.assert_array_equal(
+                    ours[our_norm]["scale"], source[f"{theirs}{their_norm}.weight"]
+                )
+                np.testing.assert_array_equal(
+                    ours[our_norm]["bias"], source[f"{theirs}{their_norm}.bias"]
+                )
             layer += 1
     assert layer == len({k.split(".")[2] for k in source if k.startswith("encoder.layer.")})
 
     # Everything a ViT does not have starts as initialised: grouping, text tower, projectors,
     # the optimiser state and the step.
     def named_leaves(tree):
-        return {jax.tree_util.keystr(path): np.asarray(x)
-                for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+        return {
+            jax.tree_util.keystr(path): np.asarray(x)
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)
+        }
 
     flat_before, flat_after = named_leaves(before), named_leaves(after)
     assert flat_before.keys() == flat_after.keys()
@@ -635,41 +740,61 @@ def test_model_init_from_hf_vit_copies_patch_embedding_positions_and_blocks(
 
 def test_model_init_load_takes_only_the_matching_tensors(tmp_path, initial_state):
     config, state, shardings = initial_state
-    before = checkpoint_io.flatten_tree(jax.device_get(
-        {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}))
+    before = checkpoint_io.flatten_tree(
+        jax.device_get({"params": state["params"]["model"], "batch_stats": state["batch_stats"]})
+    )
     rng = np.random.default_rng(0)
     source = {k: rng.normal(size=np.shape(v)).astype(np.float32) for k, v in before.items()}
-    checkpoint_io.save_model(str(tmp_path / "source"), checkpoint_io.unflatten_tree(source),
-                             config.model)
+    checkpoint_io.save_model(
+        str(tmp_path / "source"), checkpoint_io.unflatten_tree(source), config.model
+    )
 
-    after_state = model_init.initialize(state, str(tmp_path / "source"), config.model, shardings,
-                                        load=model_init.BACKBONE)
-    after = checkpoint_io.flatten_tree(jax.device_get(
-        {"params": after_state["params"]["model"], "batch_stats": after_state["batch_stats"]}))
+    after_state = model_init.initialize(
+        state, str(tmp_path / "source"), config.model, shardings, load=model_init.BACKBONE
+    )
+    after = checkpoint_io.flatten_tree(
+        jax.device_get(
+            {"params": after_state["params"]["model"], "batch_stats": after_state["batch_stats"]}
+        )
+    )
     loaded = {k for k in after if np.array_equal(after[k], source[k])}
     kept = {k for k in after if np.array_equal(after[k], before[k])}
     assert loaded | kept == set(after) and not loaded & kept
     blocks = config.model.depths[0]
-    assert loaded == ({"params/vision/patch_embed/kernel", "params/vision/patch_embed/bias",
-                       "params/vision/patch_norm/scale", "params/vision/patch_norm/bias",
-                       "params/vision/position_embedding"}
-                      | {k for k in after
-                         if k.startswith(tuple(f"params/vision/stages_0/blocks_{i}/"
-                                               for i in range(blocks)))})
+    assert loaded == (
+        {
+            "params/vision/patch_embed/kernel",
+            "params/vision/patch_embed/bias",
+            "params/vision/patch_norm/scale",
+            "params/vision/patch_norm/bias",
+            "params/vision/position_embedding",
+        }
+        | {
+            k
+            for k in after
+            if k.startswith(tuple(f"params/vision/stages_0/blocks_{i}/" for i in range(blocks)))
+        }
+    )
     assert len(loaded) == 5 + 16 * blocks
     assert jax.tree.map(lambda x: x.sharding, after_state) == shardings
 
     with pytest.raises(ValueError, match="model_init_load 'params/nothing' matches none"):
-        model_init.initialize(state, str(tmp_path / "source"), config.model, shardings,
-                              load="params/nothing")
+        model_init.initialize(
+            state, str(tmp_path / "source"), config.model, shardings, load="params/nothing"
+        )
 
 
 def test_model_init_refuses_a_vit_of_another_width(tmp_path, initial_state):
     config, state, shardings = initial_state
     _save_hf_vit(tmp_path, config.model, width=2 * config.model.width)
-    with pytest.raises(ValueError, match=(f"ViT checkpoint does not fit the model: width "
-                                          f"{2 * config.model.width} != model width "
-                                          f"{config.model.width}")):
+    with pytest.raises(
+        ValueError,
+        match=(
+            f"ViT checkpoint does not fit the model: width "
+            f"{2 * config.model.width} != model width "
+            f"{config.model.width}"
+        ),
+    ):
         model_init.initialize(state, str(tmp_path), config.model, shardings)
 
 
@@ -678,26 +803,38 @@ def test_missing_data_directory_is_a_clear_error(tmp_path, synthetic_dir):
     config = tiny_config("mixreorg", synthetic_dir)
     missing = tmp_path / "no_such_dataset"
     config.data.datasets = [dict(dir=str(missing), split="train", weight=1.0)]
-    with pytest.raises(FileNotFoundError, match=f"prepared dataset directory {missing} does not "
-                                                "exist"):
+    with pytest.raises(
+        FileNotFoundError, match=f"prepared dataset directory {missing} does not exist"
+    ):
         train.train_and_evaluate(config, str(tmp_path / "workdir"))
 
 
 def test_unknown_config_key_on_the_command_line_is_one_error_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "mixreorg_jax.train",
-         f"--config={REPO / 'configs' / 'mixreorg.py'}:tiny", f"--workdir={tmp_path}",
-         "--config.optim.lrr=1"],
-        cwd=REPO, capture_output=True, text=True,
-        timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "mixreorg_jax.train",
+            f"--config={REPO / 'configs' / 'mixreorg.py'}:tiny",
+            f"--workdir={tmp_path}",
+            "--config.optim.lrr=1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     # TensorFlow (imported for the data and metric writers) logs a few lines from C++ at import
     # (2.21: the oneDNN notice, which TF_CPP_MIN_LOG_LEVEL no longer silences); not ours.
     tf_log = re.compile(r"WARNING: All log messages before absl::InitializeLog|[IWEF]\d{4} ")
-    errors = [line for line in result.stderr.splitlines()
-              if line.strip() and not tf_log.match(line)]
-    assert errors == ['error: --config.optim.lrr=1: no such config field \'lrr\'; Did you mean '
-                      '"lr" instead of "lrr"?'], result.stderr[-3000:]
+    errors = [
+        line for line in result.stderr.splitlines() if line.strip() and not tf_log.match(line)
+    ]
+    assert errors == [
+        "error: --config.optim.lrr=1: no such config field 'lrr'; Did you mean "
+        '"lr" instead of "lrr"?'
+    ], result.stderr[-3000:]
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -707,32 +844,36 @@ def _other_shape(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     return other
 
 
-def test_resume_from_a_checkpoint_of_another_model_shape_is_a_clear_error(tmp_path,
-                                                                           synthetic_dir):
+def test_resume_from_a_checkpoint_of_another_model_shape_is_a_clear_error(tmp_path, synthetic_dir):
     config = tiny_config("mixreorg", synthetic_dir)
     # A training checkpoint of a twice as wide model (zeros; only shapes matter here).
     other = _other_shape(config)
     *_, init, rng = trainer_parts(other)
     shapes = jax.eval_shape(init, rng)
     manager = train.checkpointing.make_manager(str(tmp_path / "other"), other.checkpoint)
-    train.checkpointing.save(manager, 5, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
-                                                      shapes), force=True)
+    train.checkpointing.save(
+        manager, 5, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes), force=True
+    )
     manager.wait_until_finished()
 
     config.resume = str(tmp_path / "other")
     with pytest.raises(ValueError) as error:
         train.train_and_evaluate(config, str(tmp_path / "workdir"))
     message = train.one_line(error.value)
-    assert message.startswith(f"checkpoint {tmp_path / 'other' / 'checkpoints'}/5 does not fit "
-                              "this model/optimiser (another model shape or config?)"), message
+    assert message.startswith(
+        f"checkpoint {tmp_path / 'other' / 'checkpoints'}/5 does not fit "
+        "this model/optimiser (another model shape or config?)"
+    ), message
 
 
 def test_model_init_from_a_checkpoint_of_another_model_shape_is_a_clear_error(
-        tmp_path, synthetic_dir, compiled_init):
+    tmp_path, synthetic_dir, compiled_init
+):
     config = tiny_config("mixreorg", synthetic_dir)
     other = _other_shape(config).model
-    variables = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
-                             checkpoint_io.abstract_variables(other))
+    variables = jax.tree.map(
+        lambda x: np.zeros(x.shape, x.dtype), checkpoint_io.abstract_variables(other)
+    )
     checkpoint_io.save_model(str(tmp_path / "other"), variables, other)
 
     config.model_init = str(tmp_path / "other")

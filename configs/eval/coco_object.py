@@ -6,6 +6,7 @@ r"""Zero-shot COCO-Object val2017: COCO's 80 thing classes + background, bg_thre
 data_dir: the folder holding coco/{images,annotations}/val2017 (masks from GroupViT's
 convert_dataset/convert_coco_object.py).
 """
+
 from mixreorg_jax.evaluators import segmentation
 
 

@@ -8,6 +8,7 @@ the released evaluation) and 59 (no background; background pixels ignored).
 
 data_dir: the folder holding VOCdevkit/VOC2010 with mmseg's converted SegmentationClassContext.
 """
+
 from mixreorg_jax import train_config
 from mixreorg_jax.evaluators import segmentation
 

@@ -9,6 +9,7 @@ root (the default world is prepared there on first use). Windows, resize and str
 model (window = its image_size: one window per image of the same size). bg_thresh='auto' sweeps
 `bg_sweep` on `bg_thresh_split` ('val') and reports the chosen value; never set it to 'test'.
 """
+
 from mixreorg_jax.evaluators import segmentation
 
 

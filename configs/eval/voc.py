@@ -7,6 +7,7 @@ data_dir: the folder holding VOCdevkit/VOC2012 (or that folder itself). Every fi
 `mixreorg_jax.evaluators.segmentation.default_config` can be overridden, e.g.
 `--config.max_images=50 --config.save_predictions=10 --config.templates="('imagenet80',)"`.
 """
+
 from mixreorg_jax.evaluators import segmentation
 
 

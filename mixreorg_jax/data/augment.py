@@ -20,10 +20,11 @@ colour/contrast/brightness/sharpness factor 1 +- 0.9 m/10, solarize threshold 25
 posterize to 8 - 4 m/10 bits (AutoAugment's 4-8 bit range rather than timm's 0-4, which blanks
 the image near m = 10). Geometric ops fill with the ImageNet mean colour (0 after normalisation).
 """
-from collections.abc import Mapping
+
 import dataclasses
 import io
 import math
+from collections.abc import Mapping
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
@@ -40,6 +41,7 @@ MAX_MAGNITUDE = 10.0
 @dataclasses.dataclass(frozen=True)
 class AugmentOptions:
     """The augmentation switches and parameters (the `config.data.augment` fields)."""
+
     random_resized_crop: bool = True  # False: the eval centre crop
     crop_scale: tuple[float, float] = (0.08, 1.0)  # fraction of the image area
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # width / height
@@ -67,8 +69,13 @@ class AugmentOptions:
         return cls(**values)
 
 
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
-                            scale: tuple[float, float], ratio: tuple[float, float]):
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+):
     """(left, top, w, h) of a random crop: area fraction in `scale`, aspect w/h in `ratio`.
 
     Ten tries at a random area and log-uniform aspect; if none fits, the largest centred crop
@@ -126,13 +133,19 @@ def _signed(value: float, rng: np.random.Generator) -> float:
 
 
 def _affine(image: Image.Image, coefficients) -> Image.Image:
-    return image.transform(image.size, Image.Transform.AFFINE, coefficients,
-                           resample=Image.Resampling.BILINEAR, fillcolor=_FILL)
+    return image.transform(
+        image.size,
+        Image.Transform.AFFINE,
+        coefficients,
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=_FILL,
+    )
 
 
 def _enhance(enhancer):
     def op(image, m, rng):
         return enhancer(image).enhance(1 + _signed(0.9 * m / MAX_MAGNITUDE, rng))
+
     return op
 
 
@@ -142,29 +155,41 @@ RANDAUGMENT_OPS = {
     "autocontrast": lambda image, m, rng: ImageOps.autocontrast(image),
     "equalize": lambda image, m, rng: ImageOps.equalize(image),
     "rotate": lambda image, m, rng: image.rotate(
-        _signed(30 * m / MAX_MAGNITUDE, rng), resample=Image.Resampling.BILINEAR, fillcolor=_FILL),
+        _signed(30 * m / MAX_MAGNITUDE, rng), resample=Image.Resampling.BILINEAR, fillcolor=_FILL
+    ),
     "solarize": lambda image, m, rng: ImageOps.solarize(
-        image, threshold=256 - int(256 * m / MAX_MAGNITUDE)),
-    "posterize": lambda image, m, rng: ImageOps.posterize(
-        image, 8 - int(4 * m / MAX_MAGNITUDE)),
+        image, threshold=256 - int(256 * m / MAX_MAGNITUDE)
+    ),
+    "posterize": lambda image, m, rng: ImageOps.posterize(image, 8 - int(4 * m / MAX_MAGNITUDE)),
     "color": _enhance(ImageEnhance.Color),
     "contrast": _enhance(ImageEnhance.Contrast),
     "brightness": _enhance(ImageEnhance.Brightness),
     "sharpness": _enhance(ImageEnhance.Sharpness),
     "shear_x": lambda image, m, rng: _affine(
-        image, (1, _signed(0.3 * m / MAX_MAGNITUDE, rng), 0, 0, 1, 0)),
+        image, (1, _signed(0.3 * m / MAX_MAGNITUDE, rng), 0, 0, 1, 0)
+    ),
     "shear_y": lambda image, m, rng: _affine(
-        image, (1, 0, 0, _signed(0.3 * m / MAX_MAGNITUDE, rng), 1, 0)),
+        image, (1, 0, 0, _signed(0.3 * m / MAX_MAGNITUDE, rng), 1, 0)
+    ),
     "translate_x": lambda image, m, rng: _affine(
-        image, (1, 0, _signed(0.45 * m / MAX_MAGNITUDE, rng) * image.width, 0, 1, 0)),
+        image, (1, 0, _signed(0.45 * m / MAX_MAGNITUDE, rng) * image.width, 0, 1, 0)
+    ),
     "translate_y": lambda image, m, rng: _affine(
-        image, (1, 0, 0, 0, 1, _signed(0.45 * m / MAX_MAGNITUDE, rng) * image.height)),
+        image, (1, 0, 0, 0, 1, _signed(0.45 * m / MAX_MAGNITUDE, rng) * image.height)
+    ),
 }
 _OP_NAMES = tuple(RANDAUGMENT_OPS)
 
 
-def rand_augment(image: Image.Image, rng: np.random.Generator, *, num_ops: int = 2,
-                 magnitude: float = 9.0, mstd: float = 0.5, prob: float = 0.5) -> Image.Image:
+def rand_augment(
+    image: Image.Image,
+    rng: np.random.Generator,
+    *,
+    num_ops: int = 2,
+    magnitude: float = 9.0,
+    mstd: float = 0.5,
+    prob: float = 0.5,
+) -> Image.Image:
     """`num_ops` layers, each a uniformly drawn op applied with probability `prob`."""
     for _ in range(num_ops):
         name = _OP_NAMES[rng.integers(len(_OP_NAMES))]
@@ -181,9 +206,14 @@ def normalize(image: Image.Image) -> np.ndarray:
     return (np.asarray(image, np.float32) - _MEAN_255) * _INV_STD_255
 
 
-def random_erasing(x: np.ndarray, rng: np.random.Generator, *, prob: float,
-                   area: tuple[float, float] = (0.02, 1 / 3),
-                   ratio: tuple[float, float] = (0.3, 1 / 0.3)) -> np.ndarray:
+def random_erasing(
+    x: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    prob: float,
+    area: tuple[float, float] = (0.02, 1 / 3),
+    ratio: tuple[float, float] = (0.3, 1 / 0.3),
+) -> np.ndarray:
     """With probability `prob`, one rectangle of a normalised [H, W, C] image set to N(0, 1) noise.
 
     Area fraction uniform in `area`, aspect h/w log-uniform in `ratio`, up to ten tries to fit
@@ -202,34 +232,49 @@ def random_erasing(x: np.ndarray, rng: np.random.Generator, *, prob: float,
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
             x = x.copy()
-            x[top:top + h, left:left + w] = rng.standard_normal((h, w, channels), np.float32)
+            x[top : top + h, left : left + w] = rng.standard_normal((h, w, channels), np.float32)
             return x
     return x
 
 
 # ---------------------------------------------------------------- the two paths
-def train_image(image_bytes: bytes, rng: np.random.Generator, *, size: int,
-                options: AugmentOptions = AugmentOptions()) -> np.ndarray:
+def train_image(
+    image_bytes: bytes,
+    rng: np.random.Generator,
+    *,
+    size: int,
+    options: AugmentOptions = AugmentOptions(),
+) -> np.ndarray:
     """Encoded image -> augmented, normalised float32 [size, size, 3]."""
     if options.random_resized_crop:
+
         def box_fn(w, h):
             return random_resized_crop_box(w, h, rng, options.crop_scale, options.crop_ratio)
     else:
+
         def box_fn(w, h):
             return center_crop_box(w, h, options.eval_crop_fraction)
+
     image = decode_box(image_bytes, box_fn, size, options.jpeg_draft)
     if options.flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if options.randaugment and options.randaugment_num_ops > 0:
-        image = rand_augment(image, rng, num_ops=options.randaugment_num_ops,
-                             magnitude=options.randaugment_magnitude,
-                             mstd=options.randaugment_mstd, prob=options.randaugment_prob)
+        image = rand_augment(
+            image,
+            rng,
+            num_ops=options.randaugment_num_ops,
+            magnitude=options.randaugment_magnitude,
+            mstd=options.randaugment_mstd,
+            prob=options.randaugment_prob,
+        )
     return random_erasing(normalize(image), rng, prob=options.random_erasing)
 
 
-def eval_image(image_bytes: bytes, *, size: int, crop_fraction: float = 0.875,
-               jpeg_draft: bool = True) -> np.ndarray:
+def eval_image(
+    image_bytes: bytes, *, size: int, crop_fraction: float = 0.875, jpeg_draft: bool = True
+) -> np.ndarray:
     """Encoded image -> centre crop, normalised float32 [size, size, 3]; no randomness."""
-    image = decode_box(image_bytes, lambda w, h: center_crop_box(w, h, crop_fraction), size,
-                       jpeg_draft)
+    image = decode_box(
+        image_bytes, lambda w, h: center_crop_box(w, h, crop_fraction), size, jpeg_draft
+    )
     return normalize(image)

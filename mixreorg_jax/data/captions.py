@@ -26,9 +26,9 @@ Usage:
 Read back with `tfds.builder_from_directory(f"{data_dir}/cc12m/1.0.0")` or
 `tfds.builder("cc12m", data_dir=data_dir)`, e.g. `.as_data_source("train")`.
 """
+
 import argparse
 import collections
-from collections.abc import Iterator, Mapping, Sequence
 import csv
 import functools
 import glob
@@ -42,6 +42,7 @@ import re
 import struct
 import tarfile
 import types
+from collections.abc import Iterator, Mapping, Sequence
 
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -49,13 +50,20 @@ from PIL import Image
 from mixreorg_jax.data import words as words_lib
 
 VERSION = "1.0.0"
-FEATURES = tfds.features.FeaturesDict({
-    "image": tfds.features.Image(shape=(None, None, 3)),
-    "caption": tfds.features.Text(),
-    "words": tfds.features.Sequence(tfds.features.Text()),
-})
-COUNT_NAMES = ("examples", "skipped_corrupt_image", "skipped_bad_caption", "re_encoded_image",
-               "unreadable_source")
+FEATURES = tfds.features.FeaturesDict(
+    {
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "caption": tfds.features.Text(),
+        "words": tfds.features.Sequence(tfds.features.Text()),
+    }
+)
+COUNT_NAMES = (
+    "examples",
+    "skipped_corrupt_image",
+    "skipped_bad_caption",
+    "re_encoded_image",
+    "unreadable_source",
+)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "image", "image/encoded")
 CAPTION_KEYS = ("txt", "caption", "text")
@@ -69,7 +77,7 @@ def _expand_braces(pattern: str) -> list[str]:
     match = re.search(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}", pattern)
     if not match:
         return [pattern]
-    head, tail = pattern[:match.start()], pattern[match.end():]
+    head, tail = pattern[: match.start()], pattern[match.end() :]
     first, last, alternatives = match.groups()
     if alternatives is not None:
         options = alternatives.split(",")
@@ -86,9 +94,12 @@ def expand_sources(patterns: str | Sequence[str]) -> list[str]:
         patterns = [patterns]
     files = []
     for pattern in patterns:
-        matched = [f for p in _expand_braces(os.path.expanduser(pattern))
-                   for f in (sorted(glob.glob(p)) if glob.has_magic(p) else [p])
-                   if os.path.isfile(f)]
+        matched = [
+            f
+            for p in _expand_braces(os.path.expanduser(pattern))
+            for f in (sorted(glob.glob(p)) if glob.has_magic(p) else [p])
+            if os.path.isfile(f)
+        ]
         if not matched:
             raise FileNotFoundError(f"no source files match {pattern!r}")
         files.extend(matched)
@@ -146,6 +157,7 @@ class DamagedSourceError(Exception):
 def _read_webdataset(path: str) -> Iterator[tuple[str, bytes | None, bytes | None]]:
     """Samples of a webdataset tar: members grouped by key (the name up to the basename's first
     dot), which webdataset requires to be adjacent."""
+
     def sample(key, members):
         image = next((members[k] for k in IMAGE_KEYS if k in members), None)
         caption = next((members[k] for k in CAPTION_KEYS if k in members), None)
@@ -177,6 +189,7 @@ def _image_column_value(value):
 def _read_parquet(path: str) -> Iterator[tuple[str, bytes | None, bytes | None]]:
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
     try:
         parquet = pq.ParquetFile(path)
     except pa.ArrowInvalid as e:
@@ -185,8 +198,10 @@ def _read_parquet(path: str) -> Iterator[tuple[str, bytes | None, bytes | None]]
     image_key = next((k for k in IMAGE_KEYS if k in names), None)
     caption_key = next((k for k in CAPTION_KEYS if k in names), None)
     if image_key is None or caption_key is None:
-        raise ValueError(f"{path}: parquet needs an image column (one of {IMAGE_KEYS}) and a "
-                         f"caption column (one of {CAPTION_KEYS}); it has {names}")
+        raise ValueError(
+            f"{path}: parquet needs an image column (one of {IMAGE_KEYS}) and a "
+            f"caption column (one of {CAPTION_KEYS}); it has {names}"
+        )
     columns = [image_key, caption_key] + (["key"] if "key" in names else [])
     row = 0
     batches = parquet.iter_batches(batch_size=256, columns=columns)
@@ -212,6 +227,7 @@ def _read_tfrecord(path: str) -> Iterator[tuple[str, bytes | None, bytes | None]
     """
     from google.protobuf import message as protobuf_message  # pylint: disable=g-import-not-at-top
     from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+
     with open(path, "rb") as f:
         for row in itertools.count():
             header = f.read(12)
@@ -226,15 +242,18 @@ def _read_tfrecord(path: str) -> Iterator[tuple[str, bytes | None, bytes | None]
             except protobuf_message.DecodeError as e:
                 raise DamagedSourceError(f"record {row} is not a tf.train.Example") from e
 
-            def first_bytes(keys):
+            def first_bytes(keys, features=features):
                 for k in keys:
                     if k in features and features[k].bytes_list.value:
                         return features[k].bytes_list.value[0]
                 return None
 
             key = first_bytes(("key",))
-            yield (key.decode("utf-8", "replace") if key else str(row),
-                   first_bytes(IMAGE_KEYS), first_bytes(CAPTION_KEYS))
+            yield (
+                key.decode("utf-8", "replace") if key else str(row),
+                first_bytes(IMAGE_KEYS),
+                first_bytes(CAPTION_KEYS),
+            )
 
 
 def _caption_file_rows(path: str) -> Iterator[tuple[str, str]]:
@@ -244,17 +263,21 @@ def _caption_file_rows(path: str) -> Iterator[tuple[str, str]]:
             for line in f:
                 if line.strip():
                     row = json.loads(line)
-                    yield (next((row[k] for k in FILENAME_KEYS if k in row), None),
-                           next((row[k] for k in CAPTION_KEYS if k in row), None))
+                    yield (
+                        next((row[k] for k in FILENAME_KEYS if k in row), None),
+                        next((row[k] for k in CAPTION_KEYS if k in row), None),
+                    )
         elif path.endswith(".csv"):
             reader = csv.DictReader(f)
             fields = reader.fieldnames or []
             file_key = next((k for k in FILENAME_KEYS if k in fields), None)
             caption_key = next((k for k in CAPTION_KEYS if k in fields), None)
             if file_key is None or caption_key is None:
-                raise ValueError(f"{path}: the CSV header needs a file name column (one of "
-                                 f"{FILENAME_KEYS}) and a caption column (one of "
-                                 f"{CAPTION_KEYS}); it has {fields}")
+                raise ValueError(
+                    f"{path}: the CSV header needs a file name column (one of "
+                    f"{FILENAME_KEYS}) and a caption column (one of "
+                    f"{CAPTION_KEYS}); it has {fields}"
+                )
             for row in reader:
                 yield row[file_key], row[caption_key]
         else:
@@ -291,8 +314,10 @@ def _reader(path: str):
         return _read_tfrecord
     if name.endswith((".tsv", ".csv", ".jsonl", ".txt")):
         return _read_caption_file
-    raise ValueError(f"{path}: unknown source type; expected .tar (webdataset), .parquet, "
-                     ".tfrecord, or a captions file (.tsv, .csv, .jsonl)")
+    raise ValueError(
+        f"{path}: unknown source type; expected .tar (webdataset), .parquet, "
+        ".tfrecord, or a captions file (.tsv, .csv, .jsonl)"
+    )
 
 
 # ---------------------------------------------------------------- one file -> examples
@@ -312,8 +337,9 @@ def prepare_file(path: str, tag: words_lib.Tagger | None = None):
                 counts["skipped_corrupt_image"] += 1
                 continue
             counts["re_encoded_image"] += re_encoded
-            example = dict(image=image, caption=caption,
-                           words=words_lib.candidate_words(caption, tag))
+            example = dict(
+                image=image, caption=caption, words=words_lib.candidate_words(caption, tag)
+            )
             # The ordinal keeps keys unique where a file repeats a name (several captions of
             # one image in a captions file).
             examples.append((f"{path}#{ordinal}#{key}", example))
@@ -335,8 +361,14 @@ class CaptionDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
     # them through `importlib_resources`, which editable installs may lack.)
     code_path = None
 
-    def __init__(self, *, sources: Mapping[str, Sequence[str]],
-                 tag: words_lib.Tagger | None = None, num_workers: int = 0, **kwargs):
+    def __init__(
+        self,
+        *,
+        sources: Mapping[str, Sequence[str]],
+        tag: words_lib.Tagger | None = None,
+        num_workers: int = 0,
+        **kwargs,
+    ):
         self._sources = {split: list(patterns) for split, patterns in sources.items()}
         self._tag = tag
         self._num_workers = num_workers
@@ -345,8 +377,9 @@ class CaptionDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
-            description=("Image-caption pairs prepared by mixreorg_jax.data.captions from "
-                         f"{self._sources}."),
+            description=(
+                f"Image-caption pairs prepared by mixreorg_jax.data.captions from {self._sources}."
+            ),
             features=FEATURES,
             metadata=tfds.core.MetadataDict(),
         )
@@ -355,8 +388,10 @@ class CaptionDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
         del dl_manager  # Local files only.
         if self._tag is None:
             words_lib.nltk_tagger()  # Fails now, with install instructions, if data is missing.
-        return {split: self._generate_examples(split, expand_sources(patterns))
-                for split, patterns in self._sources.items()}
+        return {
+            split: self._generate_examples(split, expand_sources(patterns))
+            for split, patterns in self._sources.items()
+        }
 
     def _generate_examples(self, split: str, files: list[str]):
         totals = collections.Counter({name: 0 for name in COUNT_NAMES})
@@ -381,9 +416,14 @@ class CaptionDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
             metadata[name] = sum(c[name] for c in metadata["counts"].values())
 
 
-def caption_builder(name: str, sources: str | Sequence[str] | Mapping[str, Sequence[str]], *,
-                    data_dir: str, tag: words_lib.Tagger | None = None,
-                    num_workers: int = 0) -> CaptionDatasetBuilder:
+def caption_builder(
+    name: str,
+    sources: str | Sequence[str] | Mapping[str, Sequence[str]],
+    *,
+    data_dir: str,
+    tag: words_lib.Tagger | None = None,
+    num_workers: int = 0,
+) -> CaptionDatasetBuilder:
     """A builder writing dataset `name` (array_record) under `data_dir`/`name`/1.0.0.
 
     `sources`: patterns of the train split, or {split: patterns}. `tag`: the part-of-speech
@@ -394,29 +434,52 @@ def caption_builder(name: str, sources: str | Sequence[str] | Mapping[str, Seque
     if isinstance(sources, str) or not isinstance(sources, Mapping):
         sources = {"train": [sources] if isinstance(sources, str) else list(sources)}
     cls = types.new_class(
-        f"CaptionDataset_{name}", (CaptionDatasetBuilder,), {"skip_registration": True},
-        lambda namespace: namespace.update(name=name, __module__=__name__))
-    return cls(sources=sources, tag=tag, num_workers=num_workers,
-               data_dir=os.path.expanduser(data_dir), file_format="array_record")
+        f"CaptionDataset_{name}",
+        (CaptionDatasetBuilder,),
+        {"skip_registration": True},
+        lambda namespace: namespace.update(name=name, __module__=__name__),
+    )
+    return cls(
+        sources=sources,
+        tag=tag,
+        num_workers=num_workers,
+        data_dir=os.path.expanduser(data_dir),
+        file_format="array_record",
+    )
 
 
-def prepare(name: str, sources, *, data_dir: str, tag: words_lib.Tagger | None = None,
-            num_workers: int = 0, overwrite: bool = False) -> str:
+def prepare(
+    name: str,
+    sources,
+    *,
+    data_dir: str,
+    tag: words_lib.Tagger | None = None,
+    num_workers: int = 0,
+    overwrite: bool = False,
+) -> str:
     """Prepares the dataset (if not there yet, or `overwrite`); returns its directory."""
     builder = caption_builder(name, sources, data_dir=data_dir, tag=tag, num_workers=num_workers)
-    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
-            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(download_mode=mode))
+    mode = (
+        tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+        if overwrite
+        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    )
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
     return str(builder.data_dir)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mixreorg_jax.data.captions",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", action="append", required=True,
-                        help="file pattern (brace ranges and globs); repeat for more")
+    parser = argparse.ArgumentParser(
+        prog="python -m mixreorg_jax.data.captions",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        help="file pattern (brace ranges and globs); repeat for more",
+    )
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--name", required=True, help="dataset name, e.g. cc12m")
     parser.add_argument("--split", default="train")
@@ -424,11 +487,23 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    directory = prepare(args.name, {args.split: args.source}, data_dir=args.data_dir,
-                        num_workers=args.num_workers, overwrite=args.overwrite)
+    directory = prepare(
+        args.name,
+        {args.split: args.source},
+        data_dir=args.data_dir,
+        num_workers=args.num_workers,
+        overwrite=args.overwrite,
+    )
     metadata = tfds.builder_from_directory(directory).info.metadata
-    print(json.dumps({"dir": directory, **{k: metadata.get(k) for k in COUNT_NAMES[1:]},
-                      "counts": metadata.get("counts")}))
+    print(
+        json.dumps(
+            {
+                "dir": directory,
+                **{k: metadata.get(k) for k in COUNT_NAMES[1:]},
+                "counts": metadata.get("counts"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,17 +29,18 @@ config leaves out take these defaults):
   read_threads (batches made concurrently in each process), include_caption,
   augment:        `augment.AugmentOptions` fields
 """
+
 import dataclasses
 import functools
 import os
 
-from absl import flags
-from etils import epath
 import grain
 import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
+from etils import epath
 
 from mixreorg_jax.data import augment
 from mixreorg_jax.data import prompts as prompts_lib
@@ -49,21 +50,23 @@ REQUIRED_FEATURES = ("image", "caption", "words")
 
 def get_config_defaults() -> ml_collections.ConfigDict:
     """Every `config.data` field of the training pipeline, with its default."""
-    return ml_collections.ConfigDict(dict(
-        datasets=[dict(dir="~/tensorflow_datasets/cc12m", split="train", weight=1.0)],
-        image_size=224,
-        context_length=77,
-        batch_size=4096,
-        shuffle_seed=0,
-        worker_count=0,
-        worker_buffer_size=2,
-        read_threads=4,
-        include_caption=False,
-        # Multi-label prompt templates (`prompts.TEMPLATE_SETS`): "imagenet80" (GroupViT) or
-        # "photo" ("a photo of a {}.", the zero-shot evaluation's template).
-        prompt_templates="imagenet80",
-        augment=dataclasses.asdict(augment.AugmentOptions()),
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            datasets=[dict(dir="~/tensorflow_datasets/cc12m", split="train", weight=1.0)],
+            image_size=224,
+            context_length=77,
+            batch_size=4096,
+            shuffle_seed=0,
+            worker_count=0,
+            worker_buffer_size=2,
+            read_threads=4,
+            include_caption=False,
+            # Multi-label prompt templates (`prompts.TEMPLATE_SETS`): "imagenet80" (GroupViT) or
+            # "photo" ("a photo of a {}.", the zero-shot evaluation's template).
+            prompt_templates="imagenet80",
+            augment=dataclasses.asdict(augment.AugmentOptions()),
+        )
+    )
 
 
 def _option(config, name: str):
@@ -75,6 +78,7 @@ def _option(config, name: str):
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     """One prepared dataset: its TFDS version directory, split and mixing weight."""
+
     dir: str  # a local or cloud (gs://) path
     split: str
     weight: float
@@ -84,13 +88,15 @@ def _version_dir(path: epath.Path) -> str:
     """`path` if it holds dataset_info.json, else its one (or newest) version sub-directory."""
     if (path / "dataset_info.json").exists():
         return str(path)
-    versions = sorted((d for d in path.iterdir() if (d / "dataset_info.json").exists()),
-                      key=lambda d: tuple(int(p) if p.isdigit() else -1
-                                          for p in d.name.split(".")))
+    versions = sorted(
+        (d for d in path.iterdir() if (d / "dataset_info.json").exists()),
+        key=lambda d: tuple(int(p) if p.isdigit() else -1 for p in d.name.split(".")),
+    )
     if not versions:
         raise FileNotFoundError(
             f"{path} is not a prepared TFDS dataset (no dataset_info.json in it or in a "
-            "version sub-directory); prepare one with `python -m mixreorg_jax.data.captions`")
+            "version sub-directory); prepare one with `python -m mixreorg_jax.data.captions`"
+        )
     return str(versions[-1])
 
 
@@ -100,6 +106,7 @@ def prepare_synthetic_world(data_config) -> str:
     Uses `data_config.synthetic_dir` and the world overrides in `data_config.synthetic_world`.
     """
     from jax.experimental import multihost_utils
+
     from mixreorg_jax.data import synthetic_tfds
 
     data_dir = os.path.expanduser(str(data_config.get("synthetic_dir", "")))
@@ -132,7 +139,8 @@ def resolve_datasets(data_config) -> list[DatasetSpec]:
         else:
             raise ValueError(
                 f"dataset entry {entry} needs 'dir' (a prepared dataset directory) or 'name' and "
-                "'data_dir'")
+                "'data_dir'"
+            )
         if not path.is_dir():
             raise FileNotFoundError(f"prepared dataset directory {path} does not exist")
         weight = float(entry.get("weight", 1.0))
@@ -147,18 +155,22 @@ def open_source(spec: DatasetSpec):
     builder = tfds.builder_from_directory(spec.dir)
     missing = [f for f in REQUIRED_FEATURES if f not in builder.info.features]
     if missing:
-        raise ValueError(f"dataset {spec.dir} lacks feature(s) {missing} (it has "
-                         f"{sorted(builder.info.features)}); the pipeline needs "
-                         f"{list(REQUIRED_FEATURES)}")
+        raise ValueError(
+            f"dataset {spec.dir} lacks feature(s) {missing} (it has "
+            f"{sorted(builder.info.features)}); the pipeline needs "
+            f"{list(REQUIRED_FEATURES)}"
+        )
     if spec.split not in builder.info.splits:
-        raise ValueError(f"dataset {spec.dir} has no split {spec.split!r}; it has "
-                         f"{sorted(builder.info.splits)}")
+        raise ValueError(
+            f"dataset {spec.dir} has no split {spec.split!r}; it has {sorted(builder.info.splits)}"
+        )
     try:
-        return builder.as_data_source(spec.split,
-                                      decoders={"image": tfds.decode.SkipDecoding()})
+        return builder.as_data_source(spec.split, decoders={"image": tfds.decode.SkipDecoding()})
     except NotImplementedError as e:
-        raise ValueError(f"dataset {spec.dir} is not in array_record format, which random "
-                         "access needs; re-prepare it") from e
+        raise ValueError(
+            f"dataset {spec.dir} is not in array_record format, which random "
+            "access needs; re-prepare it"
+        ) from e
 
 
 # ---------------------------------------------------------------- per-example and per-batch maps
@@ -170,8 +182,9 @@ class PreprocessExample(grain.transforms.RandomMap):
     """Record -> dict(image float32 [S, S, 3], caption str, prompts str [3],
     prompt_ids int32 [3])."""
 
-    def __init__(self, image_size: int, options: augment.AugmentOptions,
-                 prompt_templates: str = "imagenet80"):
+    def __init__(
+        self, image_size: int, options: augment.AugmentOptions, prompt_templates: str = "imagenet80"
+    ):
         self._image_size = image_size
         self._options = options
         self._templates = prompts_lib.templates(prompt_templates)
@@ -179,17 +192,24 @@ class PreprocessExample(grain.transforms.RandomMap):
     def random_map(self, record, rng: np.random.Generator):
         caption = _text(record["caption"])
         words = [_text(w) for w in record["words"]]
-        image = augment.train_image(record["image"], rng, size=self._image_size,
-                                    options=self._options)
-        prompts, ids = prompts_lib.multi_label_prompts(words, caption, rng,
-                                                      template_set=self._templates)
-        return dict(image=image, caption=np.array(caption), prompts=np.array(prompts),
-                    prompt_ids=np.array(ids, np.int32))
+        image = augment.train_image(
+            record["image"], rng, size=self._image_size, options=self._options
+        )
+        prompts, ids = prompts_lib.multi_label_prompts(
+            words, caption, rng, template_set=self._templates
+        )
+        return dict(
+            image=image,
+            caption=np.array(caption),
+            prompts=np.array(prompts),
+            prompt_ids=np.array(ids, np.int32),
+        )
 
 
 @functools.cache
 def _default_tokenizer(context_length: int):
     from mixreorg_jax.tokenizer import get_tokenizer  # pylint: disable=g-import-not-at-top
+
     return get_tokenizer(context_length)
 
 
@@ -209,8 +229,10 @@ class TokenizeBatch(grain.transforms.Map):
         tokenize = self._tokenizer or _default_tokenizer(self._context_length)
         tokens = np.asarray(tokenize([str(t) for t in texts]), np.int32)
         if tokens.shape != (len(texts), self._context_length):
-            raise ValueError(f"the tokenizer gave shape {tokens.shape} for {len(texts)} texts; "
-                             f"expected ({len(texts)}, {self._context_length})")
+            raise ValueError(
+                f"the tokenizer gave shape {tokens.shape} for {len(texts)} texts; "
+                f"expected ({len(texts)}, {self._context_length})"
+            )
         return tokens
 
     def map(self, batch):
@@ -219,7 +241,8 @@ class TokenizeBatch(grain.transforms.Map):
             image=batch["image"],
             tokens=self._tokenize(batch["caption"]),
             prompt_tokens=self._tokenize(batch["prompts"].reshape(-1)).reshape(
-                b, num_prompts, self._context_length),
+                b, num_prompts, self._context_length
+            ),
             prompt_ids=batch["prompt_ids"],
         )
         if self._include_caption:
@@ -254,8 +277,13 @@ def _seed(*entropy: int) -> int:
     return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
 
 
-def make_train_dataset(data_config, *, process_index: int | None = None,
-                       process_count: int | None = None, tokenizer=None):
+def make_train_dataset(
+    data_config,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    tokenizer=None,
+):
     """-> (grain IterDataset of this process's batches, dataset sizes). See the module doc."""
     if process_index is None:
         process_index = jax.process_index()
@@ -263,8 +291,9 @@ def make_train_dataset(data_config, *, process_index: int | None = None,
         process_count = jax.process_count()
     batch_size = int(_option(data_config, "batch_size"))
     if batch_size % process_count:
-        raise ValueError(f"data.batch_size {batch_size} is not divisible by the process count "
-                         f"{process_count}")
+        raise ValueError(
+            f"data.batch_size {batch_size} is not divisible by the process count {process_count}"
+        )
     local_batch = batch_size // process_count
     seed = int(_option(data_config, "shuffle_seed"))
     options = augment.AugmentOptions.from_config(data_config.get("augment", None))
@@ -273,43 +302,63 @@ def make_train_dataset(data_config, *, process_index: int | None = None,
     for i, spec in enumerate(resolve_datasets(data_config)):
         source = open_source(spec)
         if len(source) < process_count:
-            raise ValueError(f"dataset {spec.dir} split {spec.split} has {len(source)} "
-                             f"examples, fewer than the {process_count} processes")
+            raise ValueError(
+                f"dataset {spec.dir} split {spec.split} has {len(source)} "
+                f"examples, fewer than the {process_count} processes"
+            )
         shard = grain.MapDataset.source(source)[process_index::process_count]
         shards.append(shard.shuffle(seed=_seed(seed, i)).repeat())
         weights.append(spec.weight)
         sizes.append(len(source))
     ds = shards[0] if len(shards) == 1 else grain.MapDataset.mix(shards, weights)
 
-    preprocess = PreprocessExample(int(_option(data_config, "image_size")), options,
-                                   str(_option(data_config, "prompt_templates")))
+    preprocess = PreprocessExample(
+        int(_option(data_config, "image_size")),
+        options,
+        str(_option(data_config, "prompt_templates")),
+    )
     ds = ds.random_map(preprocess, seed=_seed(seed, process_index, 1))
     # Batching before `to_iter_dataset` makes whole batches the unit that threads and worker
     # processes share out, so the batches do not depend on `worker_count` or `read_threads`.
     ds = ds.batch(local_batch, drop_remainder=True)
-    ds = ds.map(TokenizeBatch(int(_option(data_config, "context_length")), tokenizer,
-                              bool(_option(data_config, "include_caption"))))
+    ds = ds.map(
+        TokenizeBatch(
+            int(_option(data_config, "context_length")),
+            tokenizer,
+            bool(_option(data_config, "include_caption")),
+        )
+    )
     read_threads = int(_option(data_config, "read_threads"))
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                              prefetch_buffer_size=read_threads))
+    ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_threads)
+    )
     worker_count = int(_option(data_config, "worker_count"))
     if worker_count > 0:
         if not flags.FLAGS.is_parsed():
             # grain's multiprocessing reads its absl flags (defaults will do); outside an absl
             # app nothing has parsed them.
             flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=worker_count,
-            per_worker_buffer_size=int(_option(data_config, "worker_buffer_size"))))
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=worker_count,
+                per_worker_buffer_size=int(_option(data_config, "worker_buffer_size")),
+            )
+        )
     return ds, sizes
 
 
-def make_train_iterator(data_config, *, process_index: int | None = None,
-                        process_count: int | None = None, tokenizer=None) -> TrainIterator:
+def make_train_iterator(
+    data_config,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    tokenizer=None,
+) -> TrainIterator:
     """This process's endless batch iterator (jax.process_index/count unless given).
 
     `tokenizer`: texts -> int32 [N, context_length]; default `mixreorg_jax.tokenizer`'s.
     """
-    ds, sizes = make_train_dataset(data_config, process_index=process_index,
-                                   process_count=process_count, tokenizer=tokenizer)
+    ds, sizes = make_train_dataset(
+        data_config, process_index=process_index, process_count=process_count, tokenizer=tokenizer
+    )
     return TrainIterator(iter(ds), sizes)

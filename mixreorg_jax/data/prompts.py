@@ -7,8 +7,9 @@ with the raw caption, so every example has exactly `NUM_PROMPTS` prompts. Each p
 the id of its word (`word_id`; -1 for the caption), which the multi-label loss can use to treat
 the same word in another example's prompt as a positive (`loss.multi_label_positives`).
 """
-from collections.abc import Sequence
+
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -115,10 +116,13 @@ def word_id(word: str) -> int:
     return zlib.crc32(word.lower().encode("utf-8")) & 0x7FFFFFFF
 
 
-def multi_label_prompts(words: Sequence[str], caption: str, rng: np.random.Generator,
-                        num_prompts: int = NUM_PROMPTS,
-                        template_set: Sequence[str] = IMAGENET_TEMPLATES
-                        ) -> tuple[list[str], list[int]]:
+def multi_label_prompts(
+    words: Sequence[str],
+    caption: str,
+    rng: np.random.Generator,
+    num_prompts: int = NUM_PROMPTS,
+    template_set: Sequence[str] = IMAGENET_TEMPLATES,
+) -> tuple[list[str], list[int]]:
     """(`num_prompts` texts: min(num_prompts, len(words)) templated words, then the caption;
     their word ids, -1 for the caption).
 

@@ -21,6 +21,7 @@ Class names are those of the released evaluation (they are what the text encoder
 protocol defaults per set are in `DATASET_DEFAULTS`; the synthetic world has no fixed background
 threshold (it is chosen on its validation split, method.md section 5), so it has no entry there.
 """
+
 import dataclasses
 import os
 from typing import Any
@@ -29,52 +30,330 @@ import numpy as np
 from PIL import Image
 
 VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "table", "dog", "horse", "motorbike", "person", "plant", "sheep", "sofa", "train",
-    "monitor")
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "table",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "plant",
+    "sheep",
+    "sofa",
+    "train",
+    "monitor",
+)
 
 # The 59 PASCAL Context classes in the converted masks' label order (1..59), alphabetical by their
 # original names, with the released evaluation's renames (airplane, plant, table, monitor).
 CONTEXT59_CLASSES = (
-    "airplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle",
-    "building", "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow",
-    "cup", "curtain", "dog", "door", "fence", "floor", "flower", "food", "grass", "ground", "horse",
-    "keyboard", "light", "motorbike", "mountain", "mouse", "person", "plate", "platform", "plant",
-    "road", "rock", "sheep", "shelves", "sidewalk", "sign", "sky", "snow", "sofa", "table", "track",
-    "train", "tree", "truck", "monitor", "wall", "water", "window", "wood")
+    "airplane",
+    "bag",
+    "bed",
+    "bedclothes",
+    "bench",
+    "bicycle",
+    "bird",
+    "boat",
+    "book",
+    "bottle",
+    "building",
+    "bus",
+    "cabinet",
+    "car",
+    "cat",
+    "ceiling",
+    "chair",
+    "cloth",
+    "computer",
+    "cow",
+    "cup",
+    "curtain",
+    "dog",
+    "door",
+    "fence",
+    "floor",
+    "flower",
+    "food",
+    "grass",
+    "ground",
+    "horse",
+    "keyboard",
+    "light",
+    "motorbike",
+    "mountain",
+    "mouse",
+    "person",
+    "plate",
+    "platform",
+    "plant",
+    "road",
+    "rock",
+    "sheep",
+    "shelves",
+    "sidewalk",
+    "sign",
+    "sky",
+    "snow",
+    "sofa",
+    "table",
+    "track",
+    "train",
+    "tree",
+    "truck",
+    "monitor",
+    "wall",
+    "water",
+    "window",
+    "wood",
+)
 
 COCO_OBJECT_CLASSES = (
-    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
-    "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat",
-    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush")
+    "background",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
+)
 
 # mmseg's ADE20K names (its 'bed ' without the stray space, which CLIP's tokenizer drops anyway).
 ADE20K_CLASSES = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
-    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain",
-    "chair", "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
-    "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing",
-    "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter", "sand", "sink",
-    "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case",
-    "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind",
-    "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
-    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
-    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth",
-    "television receiver", "airplane", "dirt track", "apparel", "pole", "land", "bannister",
-    "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship", "fountain",
-    "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel", "basket",
-    "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
-    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen",
-    "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan",
-    "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass",
-    "clock", "flag")
+    "wall",
+    "building",
+    "sky",
+    "floor",
+    "tree",
+    "ceiling",
+    "road",
+    "bed",
+    "windowpane",
+    "grass",
+    "cabinet",
+    "sidewalk",
+    "person",
+    "earth",
+    "door",
+    "table",
+    "mountain",
+    "plant",
+    "curtain",
+    "chair",
+    "car",
+    "water",
+    "painting",
+    "sofa",
+    "shelf",
+    "house",
+    "sea",
+    "mirror",
+    "rug",
+    "field",
+    "armchair",
+    "seat",
+    "fence",
+    "desk",
+    "rock",
+    "wardrobe",
+    "lamp",
+    "bathtub",
+    "railing",
+    "cushion",
+    "base",
+    "box",
+    "column",
+    "signboard",
+    "chest of drawers",
+    "counter",
+    "sand",
+    "sink",
+    "skyscraper",
+    "fireplace",
+    "refrigerator",
+    "grandstand",
+    "path",
+    "stairs",
+    "runway",
+    "case",
+    "pool table",
+    "pillow",
+    "screen door",
+    "stairway",
+    "river",
+    "bridge",
+    "bookcase",
+    "blind",
+    "coffee table",
+    "toilet",
+    "flower",
+    "book",
+    "hill",
+    "bench",
+    "countertop",
+    "stove",
+    "palm",
+    "kitchen island",
+    "computer",
+    "swivel chair",
+    "boat",
+    "bar",
+    "arcade machine",
+    "hovel",
+    "bus",
+    "towel",
+    "light",
+    "truck",
+    "tower",
+    "chandelier",
+    "awning",
+    "streetlight",
+    "booth",
+    "television receiver",
+    "airplane",
+    "dirt track",
+    "apparel",
+    "pole",
+    "land",
+    "bannister",
+    "escalator",
+    "ottoman",
+    "bottle",
+    "buffet",
+    "poster",
+    "stage",
+    "van",
+    "ship",
+    "fountain",
+    "conveyer belt",
+    "canopy",
+    "washer",
+    "plaything",
+    "swimming pool",
+    "stool",
+    "barrel",
+    "basket",
+    "waterfall",
+    "tent",
+    "bag",
+    "minibike",
+    "cradle",
+    "oven",
+    "ball",
+    "food",
+    "step",
+    "tank",
+    "trade name",
+    "microwave",
+    "pot",
+    "animal",
+    "bicycle",
+    "lake",
+    "dishwasher",
+    "screen",
+    "blanket",
+    "sculpture",
+    "hood",
+    "sconce",
+    "vase",
+    "traffic light",
+    "tray",
+    "ashcan",
+    "fan",
+    "pier",
+    "crt screen",
+    "plate",
+    "monitor",
+    "bulletin board",
+    "shower",
+    "radiator",
+    "glass",
+    "clock",
+    "flag",
+)
 
 # The released evaluation's background thresholds (segmentation/configs/_base_/datasets/*.py);
 # None: the set has no background. Resize and sliding-window settings are the same for all
@@ -93,22 +372,45 @@ IGNORE_LABEL = 255
 @dataclasses.dataclass(frozen=True)
 class _Layout:
     """Where one set lives under the data root and how its files are named."""
-    root: str                 # the set's folder relative to the data root
-    image_dir: str            # relative to root; may contain {split}
+
+    root: str  # the set's folder relative to the data root
+    image_dir: str  # relative to root; may contain {split}
     label_dir: str
-    label_suffix: str         # label file = image stem + label_suffix
-    split_file: str | None    # relative to root; None: every *.jpg of image_dir, sorted
+    label_suffix: str  # label file = image stem + label_suffix
+    split_file: str | None  # relative to root; None: every *.jpg of image_dir, sorted
     split_dirs: dict[str, str] | None = None  # split name -> folder name, for {split}
 
 
-_VOC = _Layout("VOCdevkit/VOC2012", "JPEGImages", "SegmentationClass", ".png",
-               "ImageSets/Segmentation/{split}.txt")
-_CONTEXT = _Layout("VOCdevkit/VOC2010", "JPEGImages", "SegmentationClassContext", ".png",
-                   "ImageSets/SegmentationContext/{split}.txt")
-_COCO_OBJECT = _Layout("coco", "images/{split}", "annotations/{split}", "_instanceTrainIds.png",
-                       None, {"train": "train2017", "val": "val2017"})
-_ADE20K = _Layout("ADEChallengeData2016", "images/{split}", "annotations/{split}", ".png", None,
-                  {"train": "training", "val": "validation"})
+_VOC = _Layout(
+    "VOCdevkit/VOC2012",
+    "JPEGImages",
+    "SegmentationClass",
+    ".png",
+    "ImageSets/Segmentation/{split}.txt",
+)
+_CONTEXT = _Layout(
+    "VOCdevkit/VOC2010",
+    "JPEGImages",
+    "SegmentationClassContext",
+    ".png",
+    "ImageSets/SegmentationContext/{split}.txt",
+)
+_COCO_OBJECT = _Layout(
+    "coco",
+    "images/{split}",
+    "annotations/{split}",
+    "_instanceTrainIds.png",
+    None,
+    {"train": "train2017", "val": "val2017"},
+)
+_ADE20K = _Layout(
+    "ADEChallengeData2016",
+    "images/{split}",
+    "annotations/{split}",
+    ".png",
+    None,
+    {"train": "training", "val": "validation"},
+)
 
 
 class SegmentationSet:
@@ -120,8 +422,16 @@ class SegmentationSet:
         ids: list[str] of the examples' ids (file stems), in order.
     """
 
-    def __init__(self, name: str, ids: list[str], image_paths: list[str], label_paths: list[str],
-                 class_names: tuple[str, ...], has_background: bool, reduce_zero_label: bool):
+    def __init__(
+        self,
+        name: str,
+        ids: list[str],
+        image_paths: list[str],
+        label_paths: list[str],
+        class_names: tuple[str, ...],
+        has_background: bool,
+        reduce_zero_label: bool,
+    ):
         self.name = name
         self.ids = list(ids)
         self._image_paths = list(image_paths)
@@ -142,27 +452,35 @@ class SegmentationSet:
         if self._reduce_zero_label:
             label = reduce_zero_label(label)
         if label.shape != image.shape[:2]:
-            raise ValueError(f"{self.name} example {self.ids[index]!r}: image {image.shape[:2]} and "
-                             f"label {label.shape} differ in size ({self._image_paths[index]}).")
+            raise ValueError(
+                f"{self.name} example {self.ids[index]!r}: image {image.shape[:2]} and "
+                f"label {label.shape} differ in size ({self._image_paths[index]})."
+            )
         return dict(image=image, label=label, id=self.ids[index])
 
     def __repr__(self) -> str:
-        return (f"SegmentationSet({self.name!r}, {len(self)} examples, {len(self.class_names)} "
-                f"classes, has_background={self.has_background})")
+        return (
+            f"SegmentationSet({self.name!r}, {len(self)} examples, {len(self.class_names)} "
+            f"classes, has_background={self.has_background})"
+        )
 
 
 def read_label_png(path: str) -> np.ndarray:
     """uint8[H, W] label indices of a palette ('P') or grayscale ('L') PNG."""
     with Image.open(path) as label_file:
         if label_file.mode not in ("P", "L"):
-            raise ValueError(f"{path}: expected an index (palette or 8-bit grayscale) PNG, got mode "
-                             f"{label_file.mode!r}; colour-coded masks must be converted first.")
+            raise ValueError(
+                f"{path}: expected an index (palette or 8-bit grayscale) PNG, got mode "
+                f"{label_file.mode!r}; colour-coded masks must be converted first."
+            )
         return np.array(label_file, np.uint8)  # A palette PNG reads as its indices.
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     """mmseg's `reduce_zero_label`: 0 (unlabelled / background) -> 255, k -> k - 1, 255 kept."""
-    return np.where((label == 0) | (label == IGNORE_LABEL), IGNORE_LABEL, label - 1).astype(np.uint8)
+    return np.where((label == 0) | (label == IGNORE_LABEL), IGNORE_LABEL, label - 1).astype(
+        np.uint8
+    )
 
 
 def _set_root(data_dir: str, layout: _Layout, split_dir: str) -> str:
@@ -171,16 +489,26 @@ def _set_root(data_dir: str, layout: _Layout, split_dir: str) -> str:
         if os.path.isdir(os.path.join(candidate, layout.image_dir.format(split=split_dir))):
             return candidate
     expected = os.path.join(data_dir, layout.root, layout.image_dir.format(split=split_dir))
-    raise FileNotFoundError(f"Image folder not found: expected {expected} (data_dir may also be "
-                            f"the {layout.root} folder itself).")
+    raise FileNotFoundError(
+        f"Image folder not found: expected {expected} (data_dir may also be "
+        f"the {layout.root} folder itself)."
+    )
 
 
-def _folder_set(name: str, data_dir: str, split: str, layout: _Layout,
-                class_names: tuple[str, ...], has_background: bool,
-                reduce_zero: bool) -> SegmentationSet:
+def _folder_set(
+    name: str,
+    data_dir: str,
+    split: str,
+    layout: _Layout,
+    class_names: tuple[str, ...],
+    has_background: bool,
+    reduce_zero: bool,
+) -> SegmentationSet:
     if layout.split_dirs is not None:
         if split not in layout.split_dirs:
-            raise ValueError(f"{name}: unknown split {split!r}; known: {sorted(layout.split_dirs)}.")
+            raise ValueError(
+                f"{name}: unknown split {split!r}; known: {sorted(layout.split_dirs)}."
+            )
         split_dir = layout.split_dirs[split]
     else:
         split_dir = split
@@ -204,10 +532,13 @@ def _folder_set(name: str, data_dir: str, split: str, layout: _Layout,
     for kind, paths in (("image", image_paths), ("label", label_paths)):
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"{name}: {len(missing)} of {len(paths)} {kind} files are "
-                                    f"missing, e.g. {missing[0]}.")
-    return SegmentationSet(name, ids, image_paths, label_paths, class_names, has_background,
-                           reduce_zero)
+            raise FileNotFoundError(
+                f"{name}: {len(missing)} of {len(paths)} {kind} files are "
+                f"missing, e.g. {missing[0]}."
+            )
+    return SegmentationSet(
+        name, ids, image_paths, label_paths, class_names, has_background, reduce_zero
+    )
 
 
 def pascal_voc(data_dir: str, split: str = "val") -> SegmentationSet:
@@ -215,8 +546,9 @@ def pascal_voc(data_dir: str, split: str = "val") -> SegmentationSet:
     return _folder_set("voc", data_dir, split, _VOC, VOC_CLASSES, True, False)
 
 
-def pascal_context(data_dir: str, split: str = "val", with_background: bool = True
-                   ) -> SegmentationSet:
+def pascal_context(
+    data_dir: str, split: str = "val", with_background: bool = True
+) -> SegmentationSet:
     """PASCAL Context from mmseg's converted masks.
 
     with_background=True ('context60', the released evaluation): background + 59 classes, labels
@@ -224,15 +556,17 @@ def pascal_context(data_dir: str, split: str = "val", with_background: bool = Tr
     pixels ignored.
     """
     if with_background:
-        return _folder_set("context60", data_dir, split, _CONTEXT,
-                           ("background",) + CONTEXT59_CLASSES, True, False)
+        return _folder_set(
+            "context60", data_dir, split, _CONTEXT, ("background",) + CONTEXT59_CLASSES, True, False
+        )
     return _folder_set("context59", data_dir, split, _CONTEXT, CONTEXT59_CLASSES, False, True)
 
 
 def coco_object(data_dir: str, split: str = "val") -> SegmentationSet:
     """COCO-Object: background (incl. stuff and unlabelled pixels) + COCO's 80 thing classes."""
-    return _folder_set("coco_object", data_dir, split, _COCO_OBJECT, COCO_OBJECT_CLASSES, True,
-                       False)
+    return _folder_set(
+        "coco_object", data_dir, split, _COCO_OBJECT, COCO_OBJECT_CLASSES, True, False
+    )
 
 
 def ade20k(data_dir: str, split: str = "val") -> SegmentationSet:
@@ -244,6 +578,7 @@ def _synthetic(data_dir: str, split: str):
     """The synthetic world's eval split; 'val' (this factory's default) names its 'validation'."""
     # Imported here so that the real-set readers need nothing of the synthetic world's builder.
     from mixreorg_jax.data.synthetic_tfds import SyntheticSegmentation
+
     return SyntheticSegmentation(data_dir, "validation" if split == "val" else split)
 
 
@@ -261,5 +596,7 @@ DATASET_NAMES = tuple(_FACTORIES)
 def get_segmentation_dataset(name: str, data_dir: str, split: str = "val"):
     """The evaluation set `name` (one of `DATASET_NAMES`) read from `data_dir`."""
     if name not in _FACTORIES:
-        raise ValueError(f"Unknown segmentation dataset {name!r}; known: {', '.join(DATASET_NAMES)}.")
+        raise ValueError(
+            f"Unknown segmentation dataset {name!r}; known: {', '.join(DATASET_NAMES)}."
+        )
     return _FACTORIES[name](data_dir, split)

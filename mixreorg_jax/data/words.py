@@ -11,8 +11,9 @@ and this needs no `punkt` data); only the perceptron tagger's data is needed. Wo
 A tagger is any `tag(tokens: list[str]) -> list[tuple[str, str]]` (e.g. `nltk.pos_tag`); tests
 pass a small fake one.
 """
-from collections.abc import Callable, Sequence
+
 import functools
+from collections.abc import Callable, Sequence
 
 import nltk
 
@@ -39,7 +40,8 @@ def nltk_tagger() -> Tagger:
             " is not installed. Install it with:\n"
             f"  python -m nltk.downloader {TAGGER_RESOURCE}\n"
             "(or set NLTK_DATA to a directory that holds taggers/"
-            f"{TAGGER_RESOURCE}/).") from e
+            f"{TAGGER_RESOURCE}/)."
+        ) from e
 
 
 def candidate_words(caption: str, tag: Tagger | None = None) -> list[str]:

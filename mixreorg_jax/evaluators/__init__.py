@@ -5,6 +5,7 @@ An evaluator module defines `Evaluator(eval_config, *, model, mesh, config)` wit
 dict[str, float]`; `due(step, total_steps)` comes from `every_steps` (and the last step). The
 eval binary builds evaluators through the same factory, so in-loop and offline numbers agree.
 """
+
 import importlib
 
 import ml_collections
@@ -32,8 +33,10 @@ def create(evals: ml_collections.ConfigDict, **kwargs) -> list[tuple[str, object
     for name, eval_config in evals.items():
         kind = eval_config.get("type", name)
         if kind not in KNOWN:
-            raise ValueError(f"config.evals.{name}: unknown evaluator type {kind!r}; "
-                             f"known: {', '.join(sorted(KNOWN))}")
+            raise ValueError(
+                f"config.evals.{name}: unknown evaluator type {kind!r}; "
+                f"known: {', '.join(sorted(KNOWN))}"
+            )
         module = importlib.import_module(KNOWN[kind])
         built.append((name, module.Evaluator(eval_config, **kwargs)))
     return built

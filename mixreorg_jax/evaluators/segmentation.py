@@ -26,6 +26,7 @@ same crops:
 `bg_thresh='auto'` sweeps `bg_sweep` on `bg_thresh_split` and evaluates `split` with the
 threshold of the best mIoU there; choosing it on the reported split itself is refused.
 """
+
 import collections
 import concurrent.futures
 import dataclasses
@@ -33,7 +34,8 @@ import functools
 import math
 import os
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +57,25 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 TEMPLATE_SETS = {"imagenet80": prompts.IMAGENET_TEMPLATES}
 # Thresholds tried by bg_thresh='auto'; denser at the low end, where models trained with mixing
 # peak (method.md section 5).
-DEFAULT_BG_SWEEP = (0.02, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6,
-                    0.7, 0.8, 0.9, 0.95)
+DEFAULT_BG_SWEEP = (
+    0.02,
+    0.05,
+    0.075,
+    0.1,
+    0.125,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.35,
+    0.4,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.9,
+    0.95,
+)
 IGNORE_LABEL = segmentation_sets.IGNORE_LABEL
 # Threads decoding images ahead of the model.
 _READ_AHEAD = 8
@@ -82,13 +101,12 @@ def default_config(dataset: str) -> ml_collections.ConfigDict:
       every_steps: the training loop's schedule (0: last step only).
     """
     if dataset not in segmentation_sets.DATASET_NAMES:
-        raise ValueError(f"Unknown segmentation dataset {dataset!r}; known: "
-                         f"{', '.join(segmentation_sets.DATASET_NAMES)}")
+        raise ValueError(
+            f"Unknown segmentation dataset {dataset!r}; known: "
+            f"{', '.join(segmentation_sets.DATASET_NAMES)}"
+        )
     synthetic = dataset == "synthetic"
-    if synthetic:
-        bg_thresh = "auto"
-    else:
-        bg_thresh = segmentation_sets.DATASET_DEFAULTS[dataset]["bg_thresh"]
+    bg_thresh = "auto" if synthetic else segmentation_sets.DATASET_DEFAULTS[dataset]["bg_thresh"]
     c = ml_collections.ConfigDict()
     c.type = "segmentation"
     c.every_steps = 0
@@ -139,8 +157,10 @@ def expand_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
         elif "{}" in template:
             expanded.append(template)
         else:
-            raise ValueError(f"template {template!r} has no '{{}}' for the class name and is not "
-                             f"one of the named sets {sorted(TEMPLATE_SETS)}")
+            raise ValueError(
+                f"template {template!r} has no '{{}}' for the class name and is not "
+                f"one of the named sets {sorted(TEMPLATE_SETS)}"
+            )
     if not expanded:
         raise ValueError("no prompt templates given")
     return tuple(expanded)
@@ -161,10 +181,19 @@ def encode_crops(variables, crops, *, model_config):
     return groupvit.GroupViT(model_config).apply(variables, crops, method=_encode_crops)
 
 
-@functools.partial(jax.jit, static_argnames=("crop_hw", "patch_size", "num_label_classes",
-                                             "top_k"))
-def crop_outputs(encoded, logit_scale, class_emb, label_crops, thresholds, *, crop_hw, patch_size,
-                 num_label_classes, top_k):
+@functools.partial(jax.jit, static_argnames=("crop_hw", "patch_size", "num_label_classes", "top_k"))
+def crop_outputs(
+    encoded,
+    logit_scale,
+    class_emb,
+    label_crops,
+    thresholds,
+    *,
+    crop_hw,
+    patch_size,
+    num_label_classes,
+    top_k,
+):
     """Everything the evaluation needs from a batch of encoded crops.
 
     Args:
@@ -188,28 +217,56 @@ def crop_outputs(encoded, logit_scale, class_emb, label_crops, thresholds, *, cr
     image_emb, segment_emb, soft_assignments = encoded
     height, width = crop_hw
     padded_hw = (height + -height % patch_size, width + -width % patch_size)
-    onehot = seg_ops.group_masks(seg_ops.chain_assignments(soft_assignments),
-                                 (padded_hw[0] // patch_size, padded_hw[1] // patch_size),
-                                 padded_hw)[:, :, :height, :width]
+    onehot = seg_ops.group_masks(
+        seg_ops.chain_assignments(soft_assignments),
+        (padded_hw[0] // patch_size, padded_hw[1] // patch_size),
+        padded_hw,
+    )[:, :, :height, :width]
     scale = jnp.minimum(jnp.exp(logit_scale), seg_ops.MAX_LOGIT_SCALE)
     scores = seg_ops.group_class_scores(segment_emb, image_emb, class_emb, scale, top_k=top_k)
-    channels = [seg_ops.pixel_class_scores(onehot, scores, bg_thresh=thresholds[t])[:, :1]
-                for t in range(thresholds.shape[0])]
+    channels = [
+        seg_ops.pixel_class_scores(onehot, scores, bg_thresh=thresholds[t])[:, :1]
+        for t in range(thresholds.shape[0])
+    ]
     channels.append(seg_ops.pixel_class_scores(onehot, scores))
     image_probs = jax.nn.softmax(
-        scale * groupvit.l2_normalize(image_emb) @ groupvit.l2_normalize(class_emb).T, axis=-1)
+        scale * groupvit.l2_normalize(image_emb) @ groupvit.l2_normalize(class_emb).T, axis=-1
+    )
     oracle = seg_ops.group_oracle_prediction(onehot, label_crops, num_label_classes, IGNORE_LABEL)
-    return dict(scores=jnp.concatenate(channels, axis=1),
-                oracle=jax.nn.one_hot(oracle, num_label_classes, axis=1, dtype=jnp.float32),
-                image_probs=image_probs,
-                groups=jnp.argmax(onehot, axis=1).astype(jnp.int32))
+    return dict(
+        scores=jnp.concatenate(channels, axis=1),
+        oracle=jax.nn.one_hot(oracle, num_label_classes, axis=1, dtype=jnp.float32),
+        image_probs=image_probs,
+        groups=jnp.argmax(onehot, axis=1).astype(jnp.int32),
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("image_hw", "resized_hw", "window", "stride",
-                                             "num_thresholds", "num_label_classes",
-                                             "has_background"))
-def finish_image(scores, oracle, image_probs, label, *, image_hw, resized_hw, window, stride,
-                 num_thresholds, num_label_classes, has_background):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "image_hw",
+        "resized_hw",
+        "window",
+        "stride",
+        "num_thresholds",
+        "num_label_classes",
+        "has_background",
+    ),
+)
+def finish_image(
+    scores,
+    oracle,
+    image_probs,
+    label,
+    *,
+    image_hw,
+    resized_hw,
+    window,
+    stride,
+    num_thresholds,
+    num_label_classes,
+    has_background,
+):
     """One image's predictions and confusion matrices from its windows' `crop_outputs`.
 
     Returns:
@@ -217,26 +274,35 @@ def finish_image(scores, oracle, image_probs, label, *, image_hw, resized_hw, wi
         confusions: dict of int32 [K, K] matrices: 'prediction' ([max(T, 1), K, K]), 'top_class',
             'group_oracle' and, with background, 'all_background'.
     """
-    merge = functools.partial(seg_ops.merge_windows, image_hw=resized_hw, window=window,
-                              stride=stride)
+    merge = functools.partial(
+        seg_ops.merge_windows, image_hw=resized_hw, window=window, stride=stride
+    )
     merged = merge(scores)
     classes = merged[num_thresholds:]
     if num_thresholds:
-        predictions = jnp.stack([
-            seg_ops.scores_to_labels(jnp.concatenate([merged[t:t + 1], classes]), image_hw)
-            for t in range(num_thresholds)])
+        predictions = jnp.stack(
+            [
+                seg_ops.scores_to_labels(jnp.concatenate([merged[t : t + 1], classes]), image_hw)
+                for t in range(num_thresholds)
+            ]
+        )
     else:
         predictions = seg_ops.scores_to_labels(classes, image_hw)[None]
     oracle_prediction = seg_ops.scores_to_labels(merge(oracle), image_hw)
     offset = 1 if has_background else 0
     top_class = jnp.argmax(jnp.mean(image_probs, axis=0)) + offset
     label = label.astype(jnp.int32)
-    confusion = functools.partial(miou_ops.confusion_matrix, label=label,
-                                  num_classes=num_label_classes, ignore_index=IGNORE_LABEL)
+    confusion = functools.partial(
+        miou_ops.confusion_matrix,
+        label=label,
+        num_classes=num_label_classes,
+        ignore_index=IGNORE_LABEL,
+    )
     confusions = dict(
         prediction=jax.vmap(lambda p: confusion(p))(predictions),
         top_class=confusion(jnp.full_like(label, top_class)),
-        group_oracle=confusion(oracle_prediction))
+        group_oracle=confusion(oracle_prediction),
+    )
     if has_background:
         confusions["all_background"] = confusion(jnp.zeros_like(label))
     return predictions, confusions
@@ -244,15 +310,18 @@ def finish_image(scores, oracle, image_probs, label, *, image_hw, resized_hw, wi
 
 def nearest_resize(label: np.ndarray, out_hw: Sequence[int]) -> np.ndarray:
     """Nearest-neighbour resize of a label map [H, W] (pixel centres, like PIL's NEAREST)."""
-    rows = np.minimum(((np.arange(out_hw[0]) + 0.5) * label.shape[0] / out_hw[0]).astype(int),
-                      label.shape[0] - 1)
-    cols = np.minimum(((np.arange(out_hw[1]) + 0.5) * label.shape[1] / out_hw[1]).astype(int),
-                      label.shape[1] - 1)
+    rows = np.minimum(
+        ((np.arange(out_hw[0]) + 0.5) * label.shape[0] / out_hw[0]).astype(int), label.shape[0] - 1
+    )
+    cols = np.minimum(
+        ((np.arange(out_hw[1]) + 0.5) * label.shape[1] / out_hw[1]).astype(int), label.shape[1] - 1
+    )
     return label[rows[:, None], cols[None, :]]
 
 
-def paste_window_groups(groups: np.ndarray, resized_hw, image_hw, window: int, stride: int,
-                        num_groups: int) -> np.ndarray:
+def paste_window_groups(
+    groups: np.ndarray, resized_hw, image_hw, window: int, stride: int, num_groups: int
+) -> np.ndarray:
     """int[H, W] group ids of an image: window k's group g is id k * num_groups + g (groups are
     per window), later windows drawn over earlier ones, resized to the image (nearest)."""
     canvas = np.zeros(resized_hw, np.int32)
@@ -275,20 +344,21 @@ def inference_config(model_config: ml_collections.ConfigDict) -> ml_collections.
 @dataclasses.dataclass
 class ImageResult:
     """One segmented image. Arrays are device arrays unless noted."""
-    index: int                    # in the dataset
-    example: dict                 # the dataset's example (numpy image, label, id)
-    predictions: jax.Array        # int32[max(T, 1), H, W]
-    confusions: dict              # as `finish_image`
-    groups: np.ndarray | None     # int[H, W] (`paste_window_groups`), when asked for
-    call_group: int               # images whose windows shared model calls share this number
+
+    index: int  # in the dataset
+    example: dict  # the dataset's example (numpy image, label, id)
+    predictions: jax.Array  # int32[max(T, 1), H, W]
+    confusions: dict  # as `finish_image`
+    groups: np.ndarray | None  # int[H, W] (`paste_window_groups`), when asked for
+    call_group: int  # images whose windows shared model calls share this number
 
 
 @dataclasses.dataclass(frozen=True)
 class _PreparedImage:
     index: int
     example: dict
-    crops: jax.Array          # float[n, h, w, 3]
-    label_crops: jax.Array    # int32[n, h, w]
+    crops: jax.Array  # float[n, h, w, 3]
+    label_crops: jax.Array  # int32[n, h, w]
     resized_hw: tuple[int, int]
 
 
@@ -300,8 +370,11 @@ def local_mesh(mesh: jax.sharding.Mesh | None) -> jax.sharding.Mesh:
         devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
         if len(devices) == mesh.devices.size:
             return mesh
-    return jax.sharding.Mesh(np.array(devices).reshape(-1, 1), sharding.BATCH_AXES,
-                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    return jax.sharding.Mesh(
+        np.array(devices).reshape(-1, 1),
+        sharding.BATCH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * 2,
+    )
 
 
 def _host_copy_if_global(x):
@@ -314,9 +387,18 @@ def _host_copy_if_global(x):
 class Segmenter:
     """A model and the protocol's settings on this process's devices: images in, labels out."""
 
-    def __init__(self, model_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None, *,
-                 short_side: int, max_long: int, window: int, stride: int, top_k: int,
-                 batch: int):
+    def __init__(
+        self,
+        model_config: ml_collections.ConfigDict,
+        mesh: jax.sharding.Mesh | None,
+        *,
+        short_side: int,
+        max_long: int,
+        window: int,
+        stride: int,
+        top_k: int,
+        batch: int,
+    ):
         self.model_config = inference_config(model_config)
         self.mesh = local_mesh(mesh)
         self.short_side, self.max_long = short_side, max_long
@@ -332,8 +414,9 @@ class Segmenter:
         variables = jax.tree.map(_host_copy_if_global, variables)
         return jax.device_put(variables, sharding.replicated(self.mesh))
 
-    def class_embeddings(self, variables: dict, class_names: Sequence[str],
-                         templates: Sequence[str]) -> jax.Array:
+    def class_embeddings(
+        self, variables: dict, class_names: Sequence[str], templates: Sequence[str]
+    ) -> jax.Array:
         """float[C, D]: each class's projected text embeddings averaged over the templates, then
         L2-normalised (method.md section 2, step 2)."""
         texts = [template.format(name) for name in class_names for template in templates]
@@ -341,89 +424,141 @@ class Segmenter:
         # One chunk size for every class list (one compilation), split over the devices.
         devices = self.mesh.devices.size
         chunk = math.ceil(_TEXT_CHUNK / devices) * devices
-        tokens = np.concatenate([tokens, np.zeros((-len(tokens) % chunk,) + tokens.shape[1:],
-                                                  tokens.dtype)])
+        tokens = np.concatenate(
+            [tokens, np.zeros((-len(tokens) % chunk,) + tokens.shape[1:], tokens.dtype)]
+        )
         batch_sharding = sharding.batch_sharding(self.mesh)
-        embeddings = jnp.concatenate([
-            _encode_text(variables, jax.device_put(tokens[i:i + chunk], batch_sharding),
-                         model_config=self.model_config)
-            for i in range(0, len(tokens), chunk)])[:len(texts)]
+        embeddings = jnp.concatenate(
+            [
+                _encode_text(
+                    variables,
+                    jax.device_put(tokens[i : i + chunk], batch_sharding),
+                    model_config=self.model_config,
+                )
+                for i in range(0, len(tokens), chunk)
+            ]
+        )[: len(texts)]
         mean = jnp.mean(embeddings.reshape(len(class_names), len(templates), -1), axis=1)
         return jax.device_put(groupvit.l2_normalize(mean), sharding.replicated(self.mesh))
 
     def _prepare(self, index: int, example: dict) -> _PreparedImage:
         image = np.asarray(example["image"])
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"example {example.get('id', index)!r}: expected a uint8 [H, W, 3] "
-                             f"image, got {image.dtype}{image.shape}")
+            raise ValueError(
+                f"example {example.get('id', index)!r}: expected a uint8 [H, W, 3] "
+                f"image, got {image.dtype}{image.shape}"
+            )
         resized = seg_ops.normalize_image(
-            seg_ops.resize_short_side(jnp.asarray(image), self.short_side, self.max_long))
+            seg_ops.resize_short_side(jnp.asarray(image), self.short_side, self.max_long)
+        )
         resized_hw = tuple(resized.shape[:2])
         label = example.get("label")
         if label is None:
             label = np.full(image.shape[:2], IGNORE_LABEL, np.uint8)
         label = nearest_resize(np.asarray(label), resized_hw).astype(np.int32)[..., None]
         cut = functools.partial(seg_ops.cut_windows, window=self.window, stride=self.stride)
-        return _PreparedImage(index, example, cut(resized), cut(jnp.asarray(label))[..., 0],
-                              resized_hw)
+        return _PreparedImage(
+            index, example, cut(resized), cut(jnp.asarray(label))[..., 0], resized_hw
+        )
 
-    def _run_pack(self, variables, class_emb, pack: list[_PreparedImage], static: dict,
-                  keep_groups, call_group: int) -> Iterator[ImageResult]:
+    def _run_pack(
+        self,
+        variables,
+        class_emb,
+        pack: list[_PreparedImage],
+        static: dict,
+        keep_groups,
+        call_group: int,
+    ) -> Iterator[ImageResult]:
         crops = jnp.concatenate([p.crops for p in pack])
         label_crops = jnp.concatenate([p.label_crops for p in pack])
         padding = -len(crops) % self.batch
-        label_crops = jnp.pad(label_crops, ((0, padding), (0, 0), (0, 0)),
-                              constant_values=IGNORE_LABEL)
+        label_crops = jnp.pad(
+            label_crops, ((0, padding), (0, 0), (0, 0)), constant_values=IGNORE_LABEL
+        )
         batch_sharding = sharding.batch_sharding(self.mesh)
         crop_hw = tuple(crops.shape[1:3])
         patch = self.model_config.patch_size
         # A window is narrower than a patch multiple only when the image is (extreme aspect
         # ratios): the model sees it zero-padded, and the group maps are cut back.
-        crops = jnp.pad(crops, ((0, padding), (0, -crop_hw[0] % patch), (0, -crop_hw[1] % patch),
-                               (0, 0)))
-        thresholds = jax.device_put(jnp.asarray(static["thresholds"], jnp.float32).reshape(-1),
-                                    sharding.replicated(self.mesh))
+        crops = jnp.pad(
+            crops, ((0, padding), (0, -crop_hw[0] % patch), (0, -crop_hw[1] % patch), (0, 0))
+        )
+        thresholds = jax.device_put(
+            jnp.asarray(static["thresholds"], jnp.float32).reshape(-1),
+            sharding.replicated(self.mesh),
+        )
         calls = []
         for i in range(0, len(crops), self.batch):
-            encoded = encode_crops(variables, jax.device_put(crops[i:i + self.batch],
-                                                             batch_sharding),
-                                   model_config=self.model_config)
-            calls.append(crop_outputs(
-                encoded, variables["params"]["logit_scale"], class_emb,
-                jax.device_put(label_crops[i:i + self.batch], batch_sharding), thresholds,
-                crop_hw=crop_hw, patch_size=patch, num_label_classes=static["num_label_classes"],
-                top_k=self.top_k))
+            encoded = encode_crops(
+                variables,
+                jax.device_put(crops[i : i + self.batch], batch_sharding),
+                model_config=self.model_config,
+            )
+            calls.append(
+                crop_outputs(
+                    encoded,
+                    variables["params"]["logit_scale"],
+                    class_emb,
+                    jax.device_put(label_crops[i : i + self.batch], batch_sharding),
+                    thresholds,
+                    crop_hw=crop_hw,
+                    patch_size=patch,
+                    num_label_classes=static["num_label_classes"],
+                    top_k=self.top_k,
+                )
+            )
         # Merging runs on one device: the same numbers whatever the number of devices.
         device = self.mesh.devices.flat[0]
-        outputs = {k: jax.device_put(jnp.concatenate([c[k] for c in calls]), device)
-                   for k in calls[0]}
+        outputs = {
+            k: jax.device_put(jnp.concatenate([c[k] for c in calls]), device) for k in calls[0]
+        }
         start = 0
         for prepared in pack:
             count = len(prepared.crops)
-            window_out = {k: v[start:start + count] for k, v in outputs.items()}
+            window_out = {k: v[start : start + count] for k, v in outputs.items()}
             start += count
             image_hw = tuple(prepared.example["image"].shape[:2])
             label = prepared.example.get("label")
             if label is None:
                 label = np.full(image_hw, IGNORE_LABEL, np.uint8)
             predictions, confusions = finish_image(
-                window_out["scores"], window_out["oracle"], window_out["image_probs"],
-                jnp.asarray(label), image_hw=image_hw, resized_hw=prepared.resized_hw,
-                window=self.window, stride=self.stride,
+                window_out["scores"],
+                window_out["oracle"],
+                window_out["image_probs"],
+                jnp.asarray(label),
+                image_hw=image_hw,
+                resized_hw=prepared.resized_hw,
+                window=self.window,
+                stride=self.stride,
                 num_thresholds=len(static["thresholds"]),
                 num_label_classes=static["num_label_classes"],
-                has_background=bool(static["thresholds"]))
+                has_background=bool(static["thresholds"]),
+            )
             groups = None
             if keep_groups(prepared.index):
-                groups = paste_window_groups(np.asarray(window_out["groups"]), prepared.resized_hw,
-                                             image_hw, self.window, self.stride, self._num_groups)
-            yield ImageResult(prepared.index, prepared.example, predictions, confusions, groups,
-                              call_group)
+                groups = paste_window_groups(
+                    np.asarray(window_out["groups"]),
+                    prepared.resized_hw,
+                    image_hw,
+                    self.window,
+                    self.stride,
+                    self._num_groups,
+                )
+            yield ImageResult(
+                prepared.index, prepared.example, predictions, confusions, groups, call_group
+            )
 
-    def segment(self, variables: dict, class_emb: jax.Array,
-                examples: Iterable[tuple[int, dict]], *, thresholds: Sequence[float],
-                num_label_classes: int, keep_groups=lambda index: False
-                ) -> Iterator[ImageResult]:
+    def segment(
+        self,
+        variables: dict,
+        class_emb: jax.Array,
+        examples: Iterable[tuple[int, dict]],
+        *,
+        thresholds: Sequence[float],
+        num_label_classes: int,
+        keep_groups=lambda index: False,
+    ) -> Iterator[ImageResult]:
         """Segments (index, example) pairs, in order.
 
         Args:
@@ -435,24 +570,29 @@ class Segmenter:
             keep_groups: index -> whether to return that image's group map.
         """
         if num_label_classes != len(class_emb) + (1 if thresholds else 0):
-            raise ValueError(f"{num_label_classes} label classes do not match "
-                             f"{len(class_emb)} class embeddings with "
-                             f"{'a' if thresholds else 'no'} background channel")
-        static = dict(thresholds=tuple(float(t) for t in thresholds),
-                      num_label_classes=num_label_classes)
+            raise ValueError(
+                f"{num_label_classes} label classes do not match "
+                f"{len(class_emb)} class embeddings with "
+                f"{'a' if thresholds else 'no'} background channel"
+            )
+        static = dict(
+            thresholds=tuple(float(t) for t in thresholds), num_label_classes=num_label_classes
+        )
         # Consecutive images' windows share model calls until a call is full; a window of
         # another size (an image smaller than the window) starts new calls.
         pack, call_group = [], 0
         for index, example in examples:
             prepared = self._prepare(index, example)
             if pack and prepared.crops.shape[1:] != pack[0].crops.shape[1:]:
-                yield from self._run_pack(variables, class_emb, pack, static, keep_groups,
-                                          call_group)
+                yield from self._run_pack(
+                    variables, class_emb, pack, static, keep_groups, call_group
+                )
                 pack, call_group = [], call_group + 1
             pack.append(prepared)
             if sum(len(p.crops) for p in pack) >= self.batch:
-                yield from self._run_pack(variables, class_emb, pack, static, keep_groups,
-                                          call_group)
+                yield from self._run_pack(
+                    variables, class_emb, pack, static, keep_groups, call_group
+                )
                 pack, call_group = [], call_group + 1
         if pack:
             yield from self._run_pack(variables, class_emb, pack, static, keep_groups, call_group)
@@ -461,7 +601,8 @@ class Segmenter:
 @functools.partial(jax.jit, static_argnames=("model_config",))
 def _encode_text(variables, tokens, *, model_config):
     return groupvit.GroupViT(model_config).apply(
-        variables, tokens, method=groupvit.GroupViT.encode_text)["embedding"]
+        variables, tokens, method=groupvit.GroupViT.encode_text
+    )["embedding"]
 
 
 def _read_ahead(dataset, indices: Sequence[int]) -> Iterator[tuple[int, dict]]:
@@ -484,23 +625,30 @@ def sum_over_processes(counts: np.ndarray) -> np.ndarray:
     if jax.process_count() == 1:
         return counts
     high, low = np.divmod(counts, 1 << 30)
-    gathered = np.asarray(multihost_utils.process_allgather(
-        np.stack([high, low]).astype(np.int32)), np.int64)
+    gathered = np.asarray(
+        multihost_utils.process_allgather(np.stack([high, low]).astype(np.int32)), np.int64
+    )
     return (gathered[:, 0] * (1 << 30) + gathered[:, 1]).sum(axis=0)
 
 
 # ------------------------------------------------------------------------- the evaluator
 def _iou_dict(class_names, per_class_iou) -> dict[str, float | None]:
-    return {name: None if math.isnan(v) else float(v)
-            for name, v in zip(class_names, per_class_iou)}
+    return {
+        name: None if math.isnan(v) else float(v) for name, v in zip(class_names, per_class_iou)
+    }
 
 
 class Evaluator:
     """Zero-shot mIoU of one dataset split; the same code in the training loop and the binary."""
 
-    def __init__(self, eval_config: ml_collections.ConfigDict, *, model: groupvit.GroupViT,
-                 mesh: jax.sharding.Mesh | None = None,
-                 config: ml_collections.ConfigDict | None = None):
+    def __init__(
+        self,
+        eval_config: ml_collections.ConfigDict,
+        *,
+        model: groupvit.GroupViT,
+        mesh: jax.sharding.Mesh | None = None,
+        config: ml_collections.ConfigDict | None = None,
+    ):
         """Args: eval_config: fields of `default_config` (`dataset` required; the rest default);
         model: the GroupViT module (only its config is used); mesh: devices to use (this
         process's part of it); config: the train config (for `data.synthetic_dir`), if any."""
@@ -513,38 +661,57 @@ class Evaluator:
         self.class_names = list(self.dataset.class_names)
         self.has_background = bool(self.dataset.has_background)
         if self.has_background and self.bg_thresh is None:
-            raise ValueError(f"{s.dataset} has a background class: bg_thresh must be a number or "
-                             "'auto', not None")
+            raise ValueError(
+                f"{s.dataset} has a background class: bg_thresh must be a number or "
+                "'auto', not None"
+            )
         if not self.has_background and self.bg_thresh is not None:
-            raise ValueError(f"{s.dataset} has no background class: bg_thresh must be None, got "
-                             f"{self.bg_thresh!r}")
+            raise ValueError(
+                f"{s.dataset} has no background class: bg_thresh must be None, got "
+                f"{self.bg_thresh!r}"
+            )
         self.threshold_dataset = None
         if self.bg_thresh == "auto":
             if _split_name(s.bg_thresh_split) == _split_name(s.split):
-                raise ValueError(f"bg_thresh='auto' would choose the threshold on the reported "
-                                 f"split {s.split!r}; set bg_thresh_split to another split")
+                raise ValueError(
+                    f"bg_thresh='auto' would choose the threshold on the reported "
+                    f"split {s.split!r}; set bg_thresh_split to another split"
+                )
             if not s.bg_sweep:
                 raise ValueError("bg_thresh='auto' needs thresholds in bg_sweep")
             self.threshold_dataset = segmentation_sets.get_segmentation_dataset(
-                s.dataset, s.data_dir, s.bg_thresh_split)
+                s.dataset, s.data_dir, s.bg_thresh_split
+            )
             if list(self.threshold_dataset.class_names) != self.class_names:
-                raise ValueError(f"splits {s.split!r} and {s.bg_thresh_split!r} have different "
-                                 "classes")
-        self.segmenter = Segmenter(model.config, mesh, short_side=s.short_side,
-                                   max_long=s.max_long, window=s.window, stride=s.stride,
-                                   top_k=s.top_k, batch=s.batch)
+                raise ValueError(
+                    f"splits {s.split!r} and {s.bg_thresh_split!r} have different classes"
+                )
+        self.segmenter = Segmenter(
+            model.config,
+            mesh,
+            short_side=s.short_side,
+            max_long=s.max_long,
+            window=s.window,
+            stride=s.stride,
+            top_k=s.top_k,
+            batch=s.batch,
+        )
         self.text_class_names = self.class_names[1:] if self.has_background else self.class_names
 
     @staticmethod
     def _resolve(eval_config, model_config, train_config) -> ml_collections.ConfigDict:
         if "dataset" not in eval_config:
-            raise ValueError("segmentation evaluator: `dataset` is required; known: "
-                             f"{', '.join(segmentation_sets.DATASET_NAMES)}")
+            raise ValueError(
+                "segmentation evaluator: `dataset` is required; known: "
+                f"{', '.join(segmentation_sets.DATASET_NAMES)}"
+            )
         settings = default_config(eval_config["dataset"])
         for key, value in eval_config.items():
             if key not in settings:
-                raise ValueError(f"segmentation evaluator: unknown field {key!r}; known: "
-                                 f"{', '.join(sorted(settings))}")
+                raise ValueError(
+                    f"segmentation evaluator: unknown field {key!r}; known: "
+                    f"{', '.join(sorted(settings))}"
+                )
             try:
                 settings[key] = tuple(value) if isinstance(value, list) else value
             except TypeError as e:
@@ -560,8 +727,9 @@ class Evaluator:
         settings.stride = settings.stride or max(settings.window // 2, 1)
         for key in ("window", "stride", "short_side", "max_long", "top_k", "batch"):
             if settings[key] < 1:
-                raise ValueError(f"segmentation evaluator: {key} must be positive, got "
-                                 f"{settings[key]}")
+                raise ValueError(
+                    f"segmentation evaluator: {key} must be positive, got {settings[key]}"
+                )
         if settings.save_predictions and not settings.output_dir:
             raise ValueError("segmentation evaluator: save_predictions needs output_dir")
         return settings
@@ -571,8 +739,9 @@ class Evaluator:
 
     def run(self, state: dict) -> dict[str, float]:
         """Scalars for the training loop's metrics (fractions)."""
-        results = self.evaluate({"params": state["params"]["model"],
-                                 "batch_stats": state["batch_stats"]})
+        results = self.evaluate(
+            {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
+        )
         scalars = {"miou": results["miou"]}
         scalars.update({f"miou_{name}": r["miou"] for name, r in results["baselines"].items()})
         if self.bg_thresh == "auto":
@@ -585,8 +754,9 @@ class Evaluator:
             count = min(count, self.settings.max_images)
         return list(range(jax.process_index(), count, jax.process_count()))
 
-    def _confusions(self, dataset, variables, class_emb, thresholds, *, save: bool
-                    ) -> tuple[dict[str, np.ndarray], int, float | None]:
+    def _confusions(
+        self, dataset, variables, class_emb, thresholds, *, save: bool
+    ) -> tuple[dict[str, np.ndarray], int, float | None]:
         """Dataset-wide confusion matrices (summed over processes), the number of images, and
         this process's images/s after the first model calls (None if there was one)."""
         save_count = self.settings.save_predictions if save else 0
@@ -600,8 +770,13 @@ class Evaluator:
 
         num_images, steady_images, steady_start = 0, 0, None
         results = self.segmenter.segment(
-            variables, class_emb, _read_ahead(dataset, self._indices(dataset)),
-            thresholds=thresholds, num_label_classes=len(self.class_names), keep_groups=keep)
+            variables,
+            class_emb,
+            _read_ahead(dataset, self._indices(dataset)),
+            thresholds=thresholds,
+            num_label_classes=len(self.class_names),
+            keep_groups=keep,
+        )
         for result in results:
             num_images += 1
             # Throughput without compilation: from the end of the first model calls' images
@@ -621,14 +796,22 @@ class Evaluator:
             add(in_flight.popleft())
         num_classes = len(self.class_names)
         if not totals:  # This process had no images (more processes than images).
-            totals = {name: np.zeros(shape, np.int64) for name, shape in (
-                ("prediction", (max(len(thresholds), 1), num_classes, num_classes)),
-                ("top_class", (num_classes,) * 2), ("group_oracle", (num_classes,) * 2))}
+            totals = {
+                name: np.zeros(shape, np.int64)
+                for name, shape in (
+                    ("prediction", (max(len(thresholds), 1), num_classes, num_classes)),
+                    ("top_class", (num_classes,) * 2),
+                    ("group_oracle", (num_classes,) * 2),
+                )
+            }
             if self.has_background:
                 totals["all_background"] = np.zeros((num_classes,) * 2, np.int64)
         totals = {name: sum_over_processes(cm) for name, cm in sorted(totals.items())}
-        steady_rate = steady_images / (time.perf_counter() - steady_start) if (
-            steady_images and jax.process_count() == 1) else None
+        steady_rate = (
+            steady_images / (time.perf_counter() - steady_start)
+            if (steady_images and jax.process_count() == 1)
+            else None
+        )
         return totals, int(sum_over_processes(np.array([num_images]))[0]), steady_rate
 
     def _save_pictures(self, result: ImageResult) -> None:
@@ -637,13 +820,22 @@ class Evaluator:
         name = str(example.get("id", result.index)).replace(os.sep, "_")
         prediction = np.asarray(result.predictions[0])
         palette = visualize.label_palette(self.has_background)
-        visualize.save_label_png(os.path.join(output_dir, "predictions", f"{name}.png"),
-                                 prediction, palette)
-        visualize.save_comparison(os.path.join(output_dir, "pictures", f"{name}.png"),
-                                  example["image"], prediction, example["label"],
-                                  self.class_names, palette)
-        visualize.save_grouping(os.path.join(output_dir, "pictures", f"{name}_groups.png"),
-                                example["image"], result.groups)
+        visualize.save_label_png(
+            os.path.join(output_dir, "predictions", f"{name}.png"), prediction, palette
+        )
+        visualize.save_comparison(
+            os.path.join(output_dir, "pictures", f"{name}.png"),
+            example["image"],
+            prediction,
+            example["label"],
+            self.class_names,
+            palette,
+        )
+        visualize.save_grouping(
+            os.path.join(output_dir, "pictures", f"{name}_groups.png"),
+            example["image"],
+            result.groups,
+        )
 
     def evaluate(self, variables: dict) -> dict[str, Any]:
         """Evaluates model variables {'params', 'batch_stats'}; every process gets the results.
@@ -666,13 +858,15 @@ class Evaluator:
         start = time.perf_counter()
         s = self.settings
         variables = self.segmenter.place(variables)
-        class_emb = self.segmenter.class_embeddings(variables, self.text_class_names,
-                                                    self.templates)
+        class_emb = self.segmenter.class_embeddings(
+            variables, self.text_class_names, self.templates
+        )
         results: dict[str, Any] = {"dataset": s.dataset, "split": s.split}
         if self.bg_thresh == "auto":
             sweep = tuple(float(t) for t in s.bg_sweep)
-            totals, _, _ = self._confusions(self.threshold_dataset, variables, class_emb, sweep,
-                                            save=False)
+            totals, _, _ = self._confusions(
+                self.threshold_dataset, variables, class_emb, sweep, save=False
+            )
             mious = [miou_ops.miou_from_confusion(cm)[0] for cm in totals["prediction"]]
             if all(math.isnan(m) for m in mious):
                 raise ValueError(f"no labelled pixels in {s.dataset}:{s.bg_thresh_split}")
@@ -682,30 +876,44 @@ class Evaluator:
             thresholds = ()
         else:
             thresholds = (self.bg_thresh,)
-        totals, num_images, steady_rate = self._confusions(self.dataset, variables, class_emb,
-                                                           thresholds, save=True)
+        totals, num_images, steady_rate = self._confusions(
+            self.dataset, variables, class_emb, thresholds, save=True
+        )
         miou, per_class = miou_ops.miou_from_confusion(totals["prediction"][0])
-        results.update(num_images=num_images, miou=miou,
-                       per_class_iou=_iou_dict(self.class_names, per_class),
-                       bg_thresh=thresholds[0] if thresholds else None)
+        results.update(
+            num_images=num_images,
+            miou=miou,
+            per_class_iou=_iou_dict(self.class_names, per_class),
+            bg_thresh=thresholds[0] if thresholds else None,
+        )
         baselines = {}
         for name in ("all_background", "top_class", "group_oracle"):
             if name in totals:
                 base_miou, base_per_class = miou_ops.miou_from_confusion(totals[name])
-                baselines[name] = dict(miou=base_miou,
-                                       per_class_iou=_iou_dict(self.class_names, base_per_class))
+                baselines[name] = dict(
+                    miou=base_miou, per_class_iou=_iou_dict(self.class_names, base_per_class)
+                )
         seconds = time.perf_counter() - start
         results.update(
             baselines=baselines,
             confusion_matrix=totals["prediction"][0].tolist(),
             class_names=self.class_names,
-            protocol=dict(templates=list(self.templates), bg_thresh=s.bg_thresh,
-                          bg_thresh_split=s.bg_thresh_split if self.bg_thresh == "auto" else None,
-                          short_side=s.short_side, max_long=s.max_long, window=s.window,
-                          stride=s.stride, top_k=s.top_k, batch=self.segmenter.batch,
-                          max_images=s.max_images,
-                          local_devices=self.segmenter.mesh.devices.size,
-                          processes=jax.process_count()),
-            seconds=seconds, images_per_second=num_images / seconds,
-            images_per_second_after_compilation=steady_rate)
+            protocol=dict(
+                templates=list(self.templates),
+                bg_thresh=s.bg_thresh,
+                bg_thresh_split=s.bg_thresh_split if self.bg_thresh == "auto" else None,
+                short_side=s.short_side,
+                max_long=s.max_long,
+                window=s.window,
+                stride=s.stride,
+                top_k=s.top_k,
+                batch=self.segmenter.batch,
+                max_images=s.max_images,
+                local_devices=self.segmenter.mesh.devices.size,
+                processes=jax.process_count(),
+            ),
+            seconds=seconds,
+            images_per_second=num_images / seconds,
+            images_per_second_after_compilation=steady_rate,
+        )
         return results

@@ -39,6 +39,7 @@ workdir's `mix` settings, the base config's (method.md §4) for a model without 
                         among the group's sources (each scored by the mean of its class prompts),
                         the task of the mixed-segmentation loss with `loss.mixseg_text=prompts`
 """
+
 import json
 
 import jax
@@ -58,8 +59,11 @@ def define_flags():
     """Defined only when run as a program: the probe, imported beside it in tests, has a
     `--model` flag of its own."""
     flags.DEFINE_string("model", None, "A training workdir or model checkpoint.", required=True)
-    flags.DEFINE_string("world", "{}", "JSON overrides of the world the model trained on "
-                        "(image_size follows the model).")
+    flags.DEFINE_string(
+        "world",
+        "{}",
+        "JSON overrides of the world the model trained on (image_size follows the model).",
+    )
     flags.DEFINE_integer("num_images", 256, "Test images to generate.")
     flags.DEFINE_bool("mixing", False, "Also measure the mixed branch (module docstring).")
 
@@ -78,21 +82,27 @@ def _images_and_patch_labels(world: synthetic.WorldConfig, num_images: int, patc
     return images, present, counts.argmax(axis=-1)
 
 
-def diagnose(model: "mixreorg_jax.Model", world: synthetic.WorldConfig,
-             num_images: int = 256) -> dict:
+def diagnose(
+    model: "mixreorg_jax.Model", world: synthetic.WorldConfig, num_images: int = 256
+) -> dict:
     """The numbers of the module docstring for `model` on `world`'s test split."""
     text = _class_prompts(model, world)
     cosine = text @ text.T
     off_diagonal = cosine[~np.eye(len(text), dtype=bool)]
 
-    images, present, patch_labels = _images_and_patch_labels(world, num_images,
-                                                             model.config.patch_size)
+    images, present, patch_labels = _images_and_patch_labels(
+        world, num_images, model.config.patch_size
+    )
     out = jax.jit(lambda v, x: model.module.apply(v, x, method=lambda m, im: m.encode_image(im)))(
-        model.variables, jnp.asarray(images))
+        model.variables, jnp.asarray(images)
+    )
     image_class = np.asarray(out["embedding"]) @ text.T
     top = image_class.argmax(axis=1) + 1
-    segments = np.asarray(model.module.apply(
-        model.variables, out["segments"], method=lambda m, s: m.project_segments(s)))
+    segments = np.asarray(
+        model.module.apply(
+            model.variables, out["segments"], method=lambda m, s: m.project_segments(s)
+        )
+    )
     segment_class = (segments @ text.T).argmax(axis=-1) + 1  # [B, G]
     # Patch -> final segment, chained through the grouping stages.
     owner = np.asarray(segmentation.chain_assignments(out["hard_assignments"])).argmax(-1)  # [B, N]
@@ -112,7 +122,8 @@ def diagnose(model: "mixreorg_jax.Model", world: synthetic.WorldConfig,
         object_segment_accuracy=right / max(total, 1),
         object_segments=total,
         groups_per_image=groups / num_images,
-        num_images=num_images)
+        num_images=num_images,
+    )
 
 
 def _class_prompts(model: "mixreorg_jax.Model", world: synthetic.WorldConfig) -> np.ndarray:
@@ -132,30 +143,43 @@ def majority_share(owner, source) -> list[float]:
     return shares
 
 
-def diagnose_mixing(model: "mixreorg_jax.Model", world: synthetic.WorldConfig, mix: dict,
-                    num_images: int = 256) -> dict:
+def diagnose_mixing(
+    model: "mixreorg_jax.Model", world: synthetic.WorldConfig, mix: dict, num_images: int = 256
+) -> dict:
     """The `--mixing` numbers of the module docstring; `mix` as the train config's `mix` (a
     dict)."""
     k = mix["group_size"]
     if num_images < k:
         raise ValueError(f"--mixing needs at least one group of {k} images, got {num_images}")
     num_images -= num_images % k
-    images, present, patch_labels = _images_and_patch_labels(world, num_images,
-                                                             model.config.patch_size)
+    images, present, patch_labels = _images_and_patch_labels(
+        world, num_images, model.config.patch_size
+    )
     grid = (world.image_size // model.config.patch_size,) * 2
-    plan, other = (mixing.mixing_plan(jax.random.key(i), num_images, grid, k, mix["block_size"])
-                   for i in (0, 1))
+    plan, other = (
+        mixing.mixing_plan(jax.random.key(i), num_images, grid, k, mix["block_size"])
+        for i in (0, 1)
+    )
 
     def mixed_segments(module, x):
         mixed = mixreorg.mixreorg_image_forward(
-            module, x, plan, contextual_depth=mix["contextual_depth"],
+            module,
+            x,
+            plan,
+            contextual_depth=mix["contextual_depth"],
             progressive_weight=mix["progressive_weight"],
-            progressive_mode=mix["progressive_mode"], train=False, restored=False)["mixed"]
-        return (module.project_segments(mixed["segments"]),
-                segmentation.chain_assignments(mixed["hard_assignments"]))
+            progressive_mode=mix["progressive_mode"],
+            train=False,
+            restored=False,
+        )["mixed"]
+        return (
+            module.project_segments(mixed["segments"]),
+            segmentation.chain_assignments(mixed["hard_assignments"]),
+        )
 
     segments, assignment = jax.jit(lambda v, x: model.module.apply(v, x, method=mixed_segments))(
-        model.variables, jnp.asarray(images))
+        model.variables, jnp.asarray(images)
+    )
     owner = np.asarray(assignment).argmax(-1)  # [B, N]
     member = np.asarray(plan.member)  # each patch's source, as an in-group index
 
@@ -163,18 +187,21 @@ def diagnose_mixing(model: "mixreorg_jax.Model", world: synthetic.WorldConfig, m
     sources_text = np.stack([text[sorted(c - 1 for c in p)].mean(0) for p in present])
     sources_text /= np.linalg.norm(sources_text, axis=1, keepdims=True)
     # [B, G, K] segment-source scores; [B, N] the source each patch's segment matches best.
-    segment_source = np.einsum("bgd,bkd->bgk", np.asarray(segments),
-                               sources_text[np.asarray(plan.group_captions)])
+    segment_source = np.einsum(
+        "bgd,bkd->bgk", np.asarray(segments), sources_text[np.asarray(plan.group_captions)]
+    )
     right = np.take_along_axis(segment_source.argmax(-1), owner, axis=1) == member
     is_object = patch_labels[np.asarray(plan.source), np.arange(member.shape[1])] > 0
     # Mixed images whose K sources all show different sets of classes.
-    distinct = np.repeat([len({frozenset(p) for p in present[i:i + k]}) == k
-                          for i in range(0, num_images, k)], k)[:, None]
+    distinct = np.repeat(
+        [len({frozenset(p) for p in present[i : i + k]}) == k for i in range(0, num_images, k)], k
+    )[:, None]
     return dict(
         mixed_segment_source_purity=float(np.mean(majority_share(owner, member))),
         shuffled_source_purity=float(np.mean(majority_share(owner, np.asarray(other.member)))),
         mixed_patch_accuracy_object=float(right[distinct & is_object].mean()),
-        mixed_patch_accuracy_background=float(right[distinct & ~is_object].mean()))
+        mixed_patch_accuracy_background=float(right[distinct & ~is_object].mean()),
+    )
 
 
 def training_config(path: str) -> dict:
@@ -183,15 +210,20 @@ def training_config(path: str) -> dict:
     return json.loads(config_file.read_text()) if config_file.exists() else {}
 
 
-def run(path: str, world_overrides: str = "{}", num_images: int = 256,
-        with_mixing: bool = False) -> dict:
+def run(
+    path: str, world_overrides: str = "{}", num_images: int = 256, with_mixing: bool = False
+) -> dict:
     """The command line's result for the model at `path`; bad input exits with a one-line error."""
     trained = training_config(path)
     try:
         model = mixreorg_jax.load(path)
-        world = synthetic.WorldConfig(**{**trained.get("data", {}).get("synthetic_world", {}),
-                                         **json.loads(world_overrides),
-                                         "image_size": model.config.image_size})
+        world = synthetic.WorldConfig(
+            **{
+                **trained.get("data", {}).get("synthetic_world", {}),
+                **json.loads(world_overrides),
+                "image_size": model.config.image_size,
+            }
+        )
     except (ValueError, TypeError, FileNotFoundError) as e:  # JSONDecodeError is a ValueError
         raise SystemExit(f"error: {e}") from None
     result = dict(model=path, **diagnose(model, world, num_images))

@@ -30,6 +30,7 @@ statistics). A plain `--head=linear` on LayerNorm-ed features learns far slower:
 image-independent part dominates and the head cannot scale the rest up fast enough
 (docs/synthetic_learnability.md).
 """
+
 import json
 import time
 
@@ -43,8 +44,9 @@ from mixreorg_jax import checkpoint_io
 from mixreorg_jax.data import synthetic
 from mixreorg_jax.models import groupvit, presets
 
-flags.DEFINE_enum("readout", "pooled", ["pooled", "segments1", "patch_mean", "patch_max"],
-                  "Features.")
+flags.DEFINE_enum(
+    "readout", "pooled", ["pooled", "segments1", "patch_mean", "patch_max"], "Features."
+)
 flags.DEFINE_enum("head", "batchnorm", ["batchnorm", "linear"], "Head over the features.")
 flags.DEFINE_enum("weight_init", "groupvit", list(groupvit.WEIGHT_INITS), "Model init.")
 flags.DEFINE_string("model", "demo", "Model preset.")
@@ -52,11 +54,18 @@ flags.DEFINE_float("lr", 1e-3, "AdamW learning rate (constant).")
 flags.DEFINE_integer("steps", 300, "Training steps.")
 flags.DEFINE_integer("batch_size", 64, "Images per step.")
 flags.DEFINE_integer("log_every", 50, "Steps between evaluations.")
-flags.DEFINE_string("world", '{"class_texture_prob": 1.0}',
-                    "JSON overrides of the WorldConfig (image_size follows the model).")
+flags.DEFINE_string(
+    "world",
+    '{"class_texture_prob": 1.0}',
+    "JSON overrides of the WorldConfig (image_size follows the model).",
+)
 flags.DEFINE_integer("seed", 0, "Initialisation seed.")
-flags.DEFINE_string("export", None, "Write the trained model here (`checkpoint_io.save_model`), "
-                    "e.g. a backbone for `--config.model_init` (see the module doc).")
+flags.DEFINE_string(
+    "export",
+    None,
+    "Write the trained model here (`checkpoint_io.save_model`), "
+    "e.g. a backbone for `--config.model_init` (see the module doc).",
+)
 
 MEAN, STD = 0.45, 0.25
 
@@ -82,22 +91,42 @@ def features(model, images, readout: str):
     return x.mean(axis=1) if readout == "patch_mean" else x.max(axis=1)
 
 
-def run(model_config, world, *, readout, lr, steps, batch_size, log_every, head="batchnorm",
-        seed=0, held_out_size=256, jit=jax.jit, export=None):
+def run(
+    model_config,
+    world,
+    *,
+    readout,
+    lr,
+    steps,
+    batch_size,
+    log_every,
+    head="batchnorm",
+    seed=0,
+    held_out_size=256,
+    jit=jax.jit,
+    export=None,
+):
     """Trains the probe; returns the logged records. `jit` compiles its two functions.
 
     With `export` (a new directory) it also saves the model's variables there, the head left out.
     """
     model = groupvit.GroupViT(model_config)
     variables = groupvit.init_variables(model_config, jax.random.key(seed))
-    params = {"model": variables["params"],
-              "head": jnp.zeros((model_config.width, world.num_classes)),
-              "bias": jnp.zeros((world.num_classes,))}
+    params = {
+        "model": variables["params"],
+        "head": jnp.zeros((model_config.width, world.num_classes)),
+        "bias": jnp.zeros((world.num_classes,)),
+    }
     tx = optax.adamw(lr)
 
     def logits_fn(params, images, rng):
-        feats = model.apply({"params": params["model"]}, images, readout, method=features,
-                            rngs={"gumbel": rng, "dropout": rng})
+        feats = model.apply(
+            {"params": params["model"]},
+            images,
+            readout,
+            method=features,
+            rngs={"gumbel": rng, "dropout": rng},
+        )
         if head == "batchnorm":
             feats = (feats - feats.mean(axis=0)) * jax.lax.rsqrt(feats.var(axis=0) + 1e-5)
         return feats @ params["head"] + params["bias"]
@@ -105,23 +134,35 @@ def run(model_config, world, *, readout, lr, steps, batch_size, log_every, head=
     @jit
     def step(params, opt_state, images, presence, rng):
         def loss_fn(params):
-            return optax.sigmoid_binary_cross_entropy(logits_fn(params, images, rng),
-                                                      presence).mean()
+            return optax.sigmoid_binary_cross_entropy(
+                logits_fn(params, images, rng), presence
+            ).mean()
+
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     held_out = make_batch(world, "validation", 0, held_out_size)
-    top_present = jit(lambda params, images, presence, rng: jnp.mean(
-        presence[jnp.arange(len(presence)), jnp.argmax(logits_fn(params, images, rng), -1)]))
+    top_present = jit(
+        lambda params, images, presence, rng: jnp.mean(
+            presence[jnp.arange(len(presence)), jnp.argmax(logits_fn(params, images, rng), -1)]
+        )
+    )
     opt_state, records, start = tx.init(params), [], time.time()
     for i in range(steps):
         images, presence = make_batch(world, "train", i * batch_size, batch_size)
         params, opt_state, loss = step(params, opt_state, images, presence, jax.random.key(i))
         if (i + 1) % log_every == 0 or i + 1 == steps:
-            records.append(dict(step=i + 1, loss=float(loss), seconds=round(time.time() - start, 1),
-                                held_out_top_class_present=float(top_present(
-                                    params, *held_out, jax.random.key(-1)))))
+            records.append(
+                dict(
+                    step=i + 1,
+                    loss=float(loss),
+                    seconds=round(time.time() - start, 1),
+                    held_out_top_class_present=float(
+                        top_present(params, *held_out, jax.random.key(-1))
+                    ),
+                )
+            )
             print(json.dumps(dict(readout=readout, head=head, **records[-1])), flush=True)
     if export:
         checkpoint_io.save_model(export, dict(variables, params=params["model"]), model_config)
@@ -133,11 +174,21 @@ def main(argv):
     FLAGS = flags.FLAGS
     model_config = presets.get_model_config(FLAGS.model)
     model_config.weight_init = FLAGS.weight_init
-    world = synthetic.WorldConfig(**{**json.loads(FLAGS.world),
-                                     "image_size": model_config.image_size})
-    run(model_config, world, readout=FLAGS.readout, lr=FLAGS.lr, steps=FLAGS.steps,
-        batch_size=FLAGS.batch_size, log_every=FLAGS.log_every, head=FLAGS.head, seed=FLAGS.seed,
-        export=FLAGS.export)
+    world = synthetic.WorldConfig(
+        **{**json.loads(FLAGS.world), "image_size": model_config.image_size}
+    )
+    run(
+        model_config,
+        world,
+        readout=FLAGS.readout,
+        lr=FLAGS.lr,
+        steps=FLAGS.steps,
+        batch_size=FLAGS.batch_size,
+        log_every=FLAGS.log_every,
+        head=FLAGS.head,
+        seed=FLAGS.seed,
+        export=FLAGS.export,
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ exists are not repeated, so an interrupted benchmark continues where it stopped.
 Writes to OUTPUT_DIR: `results.json` (every run's settings and numbers), `table.md` (mean ± std
 over seeds), `miou.png` (mIoU of every run) and `curves.png` (training losses).
 """
+
 import json
 import pathlib
 import shlex
@@ -31,8 +32,10 @@ RUNS = {
     # The paper's contextual (one block) and progressive mixing, off in configs/mixreorg.py.
     "contextual_mixing": ("mixreorg", {"mix.contextual_depth": 1}),
     "progressive_mixing": ("mixreorg", {"mix.progressive_weight": 1.0}),
-    "contextual_progressive_mixing": ("mixreorg", {"mix.contextual_depth": 1,
-                                                   "mix.progressive_weight": 1.0}),
+    "contextual_progressive_mixing": (
+        "mixreorg",
+        {"mix.contextual_depth": 1, "mix.progressive_weight": 1.0},
+    ),
     "no_restore_loss": ("mixreorg", {"loss.restore": 0.0}),
     "no_mixseg_loss": ("mixreorg", {"loss.mixseg": 0.0}),
     "mixseg_weight_1": ("mixreorg", {"loss.mixseg": 1.0}),  # the demo's is 4
@@ -50,13 +53,23 @@ ABLATIONS = tuple(name for name in RUNS if name not in ("groupvit", "mixreorg"))
 
 flags.DEFINE_string("output_dir", "docs/synthetic_benchmark", "Results, table and plots go here.")
 flags.DEFINE_string("workdir_root", None, "Runs' workdirs (default OUTPUT_DIR/runs).")
-flags.DEFINE_list("runs", ["groupvit", "mixreorg"],
-                  f"Runs to do, from: {', '.join(RUNS)}; 'ablations' adds every ablation.")
+flags.DEFINE_list(
+    "runs",
+    ["groupvit", "mixreorg"],
+    f"Runs to do, from: {', '.join(RUNS)}; 'ablations' adds every ablation.",
+)
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every run.")
-flags.DEFINE_multi_string("set", [], "An override for every run's config, `key=value` "
-                          "(e.g. `total_steps=200`), applied after the run's own.")
-flags.DEFINE_string("synthetic_dir", "~/tensorflow_datasets/mixreorg_synthetic",
-                    "Where the synthetic world is prepared (config.data.synthetic_dir).")
+flags.DEFINE_multi_string(
+    "set",
+    [],
+    "An override for every run's config, `key=value` "
+    "(e.g. `total_steps=200`), applied after the run's own.",
+)
+flags.DEFINE_string(
+    "synthetic_dir",
+    "~/tensorflow_datasets/mixreorg_synthetic",
+    "Where the synthetic world is prepared (config.data.synthetic_dir).",
+)
 
 
 def parse_value(text: str):
@@ -81,6 +94,7 @@ def run_config(name: str, seed: int, extra: dict, synthetic_dir: str):
 def eval_config(train_config):
     from mixreorg_jax.data import pipeline
     from mixreorg_jax.evaluators import segmentation
+
     config = segmentation.default_config("synthetic")
     config.data_dir = str(pipeline.prepare_synthetic_world(train_config.data))
     config.save_predictions = 8
@@ -102,6 +116,7 @@ def steady_steps_per_second(metrics: list[dict], batch_size: int) -> float:
 def run_one(name: str, seed: int, extra: dict, root: pathlib.Path, synthetic_dir: str) -> dict:
     """Trains and evaluates one run (or reads its results); returns its summary."""
     from mixreorg_jax import evaluate, train
+
     run_dir = root / f"{name}_seed{seed}"
     results_path = run_dir / "eval" / "results.json"
     config = run_config(name, seed, extra, synthetic_dir)
@@ -116,14 +131,24 @@ def run_one(name: str, seed: int, extra: dict, root: pathlib.Path, synthetic_dir
     metrics = read_metrics(run_dir / "workdir")
     train_seconds = float((run_dir / "train_seconds.txt").read_text())
     return dict(
-        name=name, seed=seed, overrides={**RUNS[name][1], **extra},
-        miou=results["miou"], bg_thresh=results["bg_thresh"],
+        name=name,
+        seed=seed,
+        overrides={**RUNS[name][1], **extra},
+        miou=results["miou"],
+        bg_thresh=results["bg_thresh"],
         baselines=results["baselines"],
-        steps=config.total_steps, train_seconds=train_seconds,
+        steps=config.total_steps,
+        train_seconds=train_seconds,
         steps_per_second=steady_steps_per_second(metrics, config.data.batch_size),
-        curves=[{k: v for k, v in m.items()
-                 if k in ("step", "total", *CURVE_TERMS, "multi_label", "restore")}
-                for m in metrics])
+        curves=[
+            {
+                k: v
+                for k, v in m.items()
+                if k in ("step", "total", *CURVE_TERMS, "multi_label", "restore")
+            }
+            for m in metrics
+        ],
+    )
 
 
 def all_background_miou(summaries: list[dict]) -> float:
@@ -133,27 +158,35 @@ def all_background_miou(summaries: list[dict]) -> float:
 
 def markdown_table(summaries: list[dict], command: str) -> str:
     names = list(dict.fromkeys(s["name"] for s in summaries))
-    lines = ["| run | changed | mIoU (%) mean ± std | per seed | group oracle (%) | "
-             "steps/s (steady) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| run | changed | mIoU (%) mean ± std | per seed | group oracle (%) | steps/s (steady) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in names:
         runs = [s for s in summaries if s["name"] == name]
         miou = np.array([100 * s["miou"] for s in runs])
         oracle = np.array([100 * s["baselines"]["group_oracle"]["miou"] for s in runs])
         changed = ", ".join(f"{k}={v}" for k, v in RUNS[name][1].items()) or "-"
-        lines.append(f"| {name} | {changed} | {miou.mean():.1f} ± {miou.std():.1f} | "
-                     + " / ".join(f"{m:.1f}" for m in miou)
-                     + f" | {oracle.mean():.1f} ± {oracle.std():.1f}"
-                     + f" | {np.mean([s['steps_per_second'] for s in runs]):.2f} |")
+        lines.append(
+            f"| {name} | {changed} | {miou.mean():.1f} ± {miou.std():.1f} | "
+            + " / ".join(f"{m:.1f}" for m in miou)
+            + f" | {oracle.mean():.1f} ± {oracle.std():.1f}"
+            + f" | {np.mean([s['steps_per_second'] for s in runs]):.2f} |"
+        )
     seeds = sorted({s["seed"] for s in summaries})
-    lines += ["", f"Seeds {', '.join(map(str, seeds))}; produced by `{command}`. Group oracle: "
-              "every predicted group labelled with its true majority class (what perfect "
-              f"labelling of these groups would score). All background: "
-              f"{all_background_miou(summaries):.1f}."]
+    lines += [
+        "",
+        f"Seeds {', '.join(map(str, seeds))}; produced by `{command}`. Group oracle: "
+        "every predicted group labelled with its true majority class (what perfect "
+        f"labelling of these groups would score). All background: "
+        f"{all_background_miou(summaries):.1f}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def plot(summaries: list[dict], output_dir: pathlib.Path):
     from matplotlib.figure import Figure
+
     names = list(dict.fromkeys(s["name"] for s in summaries))
     fig = Figure(figsize=(1.2 * len(names) + 2, 3.5))
     ax = fig.subplots()
@@ -177,9 +210,14 @@ def plot(summaries: list[dict], output_dir: pathlib.Path):
             for s in (s for s in summaries if s["name"] == name):
                 points = [(m["step"], m[term]) for m in s["curves"] if term in m]
                 if points:
-                    ax.plot(*zip(*points), color=f"C{i}", alpha=0.7,
-                            label=name if s["seed"] == min(
-                                t["seed"] for t in summaries if t["name"] == name) else None)
+                    ax.plot(
+                        *zip(*points),
+                        color=f"C{i}",
+                        alpha=0.7,
+                        label=name
+                        if s["seed"] == min(t["seed"] for t in summaries if t["name"] == name)
+                        else None,
+                    )
         ax.set_xlabel("step")
         ax.set_title(f"{term} loss")
     axes[0].legend(fontsize=8)
@@ -191,6 +229,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from mixreorg_jax import train
+
     train.quiet_orbax_logs()
     FLAGS = flags.FLAGS
     names = [n for r in FLAGS.runs for n in (ABLATIONS if r == "ablations" else [r])]
@@ -207,16 +246,25 @@ def main(argv):
     root = pathlib.Path(FLAGS.workdir_root or output_dir / "runs")
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
-        summaries = [run_one(name, int(seed), extra, root, FLAGS.synthetic_dir)
-                     for name in names for seed in FLAGS.seeds]
+        summaries = [
+            run_one(name, int(seed), extra, root, FLAGS.synthetic_dir)
+            for name in names
+            for seed in FLAGS.seeds
+        ]
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    command = " ".join(["python -m mixreorg_jax.experiments.synthetic",
-                        f"--output_dir={FLAGS.output_dir}", f"--runs={','.join(FLAGS.runs)}",
-                        f"--seeds={','.join(FLAGS.seeds)}",
-                        *(shlex.quote(f"--set={item}") for item in FLAGS.set)])
-    (output_dir / "results.json").write_text(json.dumps(
-        dict(command=command, runs=summaries), indent=1))
+    command = " ".join(
+        [
+            "python -m mixreorg_jax.experiments.synthetic",
+            f"--output_dir={FLAGS.output_dir}",
+            f"--runs={','.join(FLAGS.runs)}",
+            f"--seeds={','.join(FLAGS.seeds)}",
+            *(shlex.quote(f"--set={item}") for item in FLAGS.set),
+        ]
+    )
+    (output_dir / "results.json").write_text(
+        json.dumps(dict(command=command, runs=summaries), indent=1)
+    )
     table = markdown_table(summaries, command)
     (output_dir / "table.md").write_text(table)
     plot(summaries, output_dir)

@@ -14,7 +14,8 @@ The modules are setup()-style so that a caller can run pieces of the image encod
 Assignment maps are token -> group, [B, N, G] (softmax over G), the transpose of HF's
 `attentions` [B, G, N].
 """
-from typing import Callable
+
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -76,17 +77,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
     if config.width % config.num_heads:
-        raise ValueError(f"config.width={config.width} is not divisible by num_heads={config.num_heads}")
+        raise ValueError(
+            f"config.width={config.width} is not divisible by num_heads={config.num_heads}"
+        )
     if config.text_width % config.text_heads:
-        raise ValueError(f"config.text_width={config.text_width} is not divisible by "
-                         f"text_heads={config.text_heads}")
+        raise ValueError(
+            f"config.text_width={config.text_width} is not divisible by "
+            f"text_heads={config.text_heads}"
+        )
     if config.image_size % config.patch_size:
-        raise ValueError(f"config.image_size={config.image_size} is not a multiple of "
-                         f"patch_size={config.patch_size}")
+        raise ValueError(
+            f"config.image_size={config.image_size} is not a multiple of "
+            f"patch_size={config.patch_size}"
+        )
     stages = (len(config.depths), len(config.num_group_tokens), len(config.num_output_groups))
     if len(set(stages)) != 1:
-        raise ValueError("config.depths, num_group_tokens and num_output_groups must have one entry "
-                         f"per stage, got lengths {stages}")
+        raise ValueError(
+            "config.depths, num_group_tokens and num_output_groups must have one entry "
+            f"per stage, got lengths {stages}"
+        )
     if config.num_group_tokens[0] <= 0:
         raise ValueError("config.num_group_tokens[0] must be positive (stage 1 groups the patches)")
     for i in range(1, len(config.depths)):
@@ -94,11 +103,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if config.num_group_tokens[i] and (prev_tokens <= 0 or prev_tokens != prev_groups):
             raise ValueError(
                 f"stage {i} has group tokens, which are derived from stage {i - 1}'s: stage {i - 1} "
-                f"needs num_group_tokens == num_output_groups > 0, got {prev_tokens} and {prev_groups}")
+                f"needs num_group_tokens == num_output_groups > 0, got {prev_tokens} and {prev_groups}"
+            )
 
 
 class DropPath(nn.Module):
     """Stochastic depth: zeroes a sample's residual branch with probability `rate` (train only)."""
+
     rate: float
 
     @nn.compact
@@ -106,12 +117,15 @@ class DropPath(nn.Module):
         if not train or self.rate == 0.0:
             return x
         keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        mask = jax.random.bernoulli(
+            self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1)
+        )
         return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
 class Mlp(nn.Module):
     """Dense(hidden) -> activation -> Dense(out) over the last axis."""
+
     hidden: int
     out: int
     activation: Callable
@@ -120,13 +134,15 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        dense = lambda features, name: nn.Dense(features, dtype=self.dtype,
-                                               kernel_init=self.kernel_init, name=name)
+        dense = lambda features, name: nn.Dense(
+            features, dtype=self.dtype, kernel_init=self.kernel_init, name=name
+        )
         return dense(self.out, "fc2")(self.activation(dense(self.hidden, "fc1")(x)))
 
 
 class TokenMlp(nn.Module):
     """An Mlp across tokens (MLP-Mixer's token mixing): [B, T, C] -> [B, out, C]."""
+
     hidden: int
     out: int
     activation: Callable
@@ -141,20 +157,28 @@ class TokenMlp(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head (cross-)attention with qkv bias; softmax in float32."""
+
     num_heads: int
     dtype: jnp.dtype
     kernel_init: Callable = _kernel_init
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None, *,
-                 causal: bool = False) -> jnp.ndarray:
+    def __call__(
+        self, x: jnp.ndarray, context: jnp.ndarray | None = None, *, causal: bool = False
+    ) -> jnp.ndarray:
         """x: [B, T, C] queries; context: [B, S, C] keys/values (default x) -> [B, T, C]."""
         context = x if context is None else context
         width = x.shape[-1]
         head_dim = width // self.num_heads
-        dense = lambda name: nn.Dense(width, dtype=self.dtype, kernel_init=self.kernel_init, name=name)
+        dense = lambda name: nn.Dense(
+            width, dtype=self.dtype, kernel_init=self.kernel_init, name=name
+        )
         split = lambda y: y.reshape(y.shape[:2] + (self.num_heads, head_dim))
-        q, k, v = split(dense("query")(x)), split(dense("key")(context)), split(dense("value")(context))
+        q, k, v = (
+            split(dense("query")(x)),
+            split(dense("key")(context)),
+            split(dense("value")(context)),
+        )
         logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * head_dim**-0.5
         if causal:
             mask = np.tril(np.ones((x.shape[1], context.shape[1]), bool))
@@ -166,6 +190,7 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block with stochastic depth."""
+
     num_heads: int
     mlp_hidden: int
     activation: Callable
@@ -179,10 +204,12 @@ class Block(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
         y = Attention(self.num_heads, self.dtype, self.kernel_init, name="attn")(
-            norm("norm1")(x), causal=self.causal)
+            norm("norm1")(x), causal=self.causal
+        )
         x = x + DropPath(self.drop_path, name="drop_path_attn")(y, train)
-        y = Mlp(self.mlp_hidden, x.shape[-1], self.activation, self.dtype, self.kernel_init,
-                name="mlp")(norm("norm2")(x))
+        y = Mlp(
+            self.mlp_hidden, x.shape[-1], self.activation, self.dtype, self.kernel_init, name="mlp"
+        )(norm("norm2")(x))
         return x + DropPath(self.drop_path, name="drop_path_mlp")(y, train)
 
 
@@ -197,6 +224,7 @@ def _maybe_remat(module_class, config: ml_collections.ConfigDict, train_argnum: 
 
 class CrossAttentionBlock(nn.Module):
     """Post-norm: g + Attn(g, x), + MLP(LN(.)), then LN (GroupViT's pre-assignment block)."""
+
     num_heads: int
     mlp_hidden: int
     layer_norm_eps: float
@@ -206,14 +234,18 @@ class CrossAttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, groups: jnp.ndarray, tokens: jnp.ndarray) -> jnp.ndarray:
         norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
-        x = groups + Attention(self.num_heads, self.dtype, self.kernel_init, name="attn")(groups, tokens)
-        x = x + Mlp(self.mlp_hidden, x.shape[-1], exact_gelu, self.dtype, self.kernel_init,
-                    name="mlp")(norm("norm_mlp")(x))
+        x = groups + Attention(self.num_heads, self.dtype, self.kernel_init, name="attn")(
+            groups, tokens
+        )
+        x = x + Mlp(
+            self.mlp_hidden, x.shape[-1], exact_gelu, self.dtype, self.kernel_init, name="mlp"
+        )(norm("norm_mlp")(x))
         return norm("norm_post")(x)
 
 
 class AssignAttention(nn.Module):
     """Hard single-head assignment of tokens to groups and per-group averaging of their values."""
+
     assign_eps: float
     dtype: jnp.dtype
     kernel_init: Callable = _kernel_init
@@ -230,9 +262,13 @@ class AssignAttention(nn.Module):
                 (rng stream 'gumbel', tau 1) in training, of the plain logits otherwise.
         """
         width = groups.shape[-1]
-        dense = lambda name: nn.Dense(width, dtype=self.dtype, kernel_init=self.kernel_init, name=name)
+        dense = lambda name: nn.Dense(
+            width, dtype=self.dtype, kernel_init=self.kernel_init, name=name
+        )
         q, k, v = dense("query")(groups), dense("key")(tokens), dense("value")(tokens)
-        logits = jnp.einsum("bnc,bgc->bng", k.astype(jnp.float32), q.astype(jnp.float32)) * width**-0.5
+        logits = (
+            jnp.einsum("bnc,bgc->bng", k.astype(jnp.float32), q.astype(jnp.float32)) * width**-0.5
+        )
         soft = jax.nn.softmax(logits, axis=-1)
         if train:
             noisy = logits + jax.random.gumbel(self.make_rng("gumbel"), logits.shape, jnp.float32)
@@ -246,6 +282,7 @@ class AssignAttention(nn.Module):
 
 class GroupingBlock(nn.Module):
     """Merges image tokens into `num_output_groups` segment tokens (method.md §1)."""
+
     config: ml_collections.ConfigDict
     num_output_groups: int
 
@@ -260,21 +297,32 @@ class GroupingBlock(nn.Module):
         init = weight_init(cfg)
         groups = norm("norm_tokens")(group_tokens)
         tokens = norm("norm_x")(tokens)
-        groups = TokenMlp(token_hidden, self.num_output_groups, exact_gelu, dtype, init,
-                          name="token_mlp")(groups)
+        groups = TokenMlp(
+            token_hidden, self.num_output_groups, exact_gelu, dtype, init, name="token_mlp"
+        )(groups)
         groups = norm("norm_post_tokens")(groups)
-        groups = CrossAttentionBlock(cfg.num_heads, round(cfg.mlp_ratio * width), cfg.layer_norm_eps, dtype,
-                                     init, name="cross_attn")(groups, tokens)
+        groups = CrossAttentionBlock(
+            cfg.num_heads,
+            round(cfg.mlp_ratio * width),
+            cfg.layer_norm_eps,
+            dtype,
+            init,
+            name="cross_attn",
+        )(groups, tokens)
         out, soft, hard = AssignAttention(cfg.get("assign_eps", 1.0), dtype, init, name="assign")(
-            groups, tokens, train)
+            groups, tokens, train
+        )
         # The residual goes to the attended group tokens, not to the raw ones.
         out = out + groups
-        out = out + Mlp(channel_hidden, width, exact_gelu, dtype, init, name="mlp")(norm("norm_out")(out))
+        out = out + Mlp(channel_hidden, width, exact_gelu, dtype, init, name="mlp")(
+            norm("norm_out")(out)
+        )
         return out, soft, hard
 
 
 class VisionStage(nn.Module):
     """Blocks over [tokens; group tokens], then a GroupingBlock (if the stage has group tokens)."""
+
     config: ml_collections.ConfigDict
     index: int
     drop_path_rates: tuple[float, ...]
@@ -288,16 +336,30 @@ class VisionStage(nn.Module):
             # Stage-1 tokens are the learned queries; later ones start at zero and get the
             # projection of the previous stage's tokens added.
             init = kernel_init if self.index == 0 else nn.initializers.zeros
-            self.group_tokens = self.param("group_tokens", init, (1, self.num_group_tokens, cfg.width))
-            self.grouping = _maybe_remat(GroupingBlock, cfg, 3)(cfg, cfg.num_output_groups[self.index])
+            self.group_tokens = self.param(
+                "group_tokens", init, (1, self.num_group_tokens, cfg.width)
+            )
+            self.grouping = _maybe_remat(GroupingBlock, cfg, 3)(
+                cfg, cfg.num_output_groups[self.index]
+            )
             if self.index > 0:
                 self.group_projector_norm = nn.LayerNorm(cfg.layer_norm_eps, dtype=dtype)
-                self.group_projector = TokenMlp(cfg.width // 2, self.num_group_tokens, exact_gelu, dtype,
-                                                kernel_init)
+                self.group_projector = TokenMlp(
+                    cfg.width // 2, self.num_group_tokens, exact_gelu, dtype, kernel_init
+                )
         block = _maybe_remat(Block, cfg, 2)
-        self.blocks = [block(cfg.num_heads, round(cfg.mlp_ratio * cfg.width), exact_gelu, cfg.layer_norm_eps,
-                             dtype, drop_path=rate, kernel_init=kernel_init)
-                       for rate in self.drop_path_rates]
+        self.blocks = [
+            block(
+                cfg.num_heads,
+                round(cfg.mlp_ratio * cfg.width),
+                exact_gelu,
+                cfg.layer_norm_eps,
+                dtype,
+                drop_path=rate,
+                kernel_init=kernel_init,
+            )
+            for rate in self.drop_path_rates
+        ]
 
     def initial_group_tokens(self, batch_size: int, prev_group_tokens: jnp.ndarray | None):
         """The stage's group tokens [B, G, C] (None without grouping), from the previous stage's."""
@@ -317,7 +379,7 @@ class VisionStage(nn.Module):
             x = block(x, train)
         if group_tokens is None:
             return x, None
-        return x[:, :-self.num_group_tokens], x[:, -self.num_group_tokens:]
+        return x[:, : -self.num_group_tokens], x[:, -self.num_group_tokens :]
 
     def regroup(self, x, group_tokens, train: bool):
         """The stage's GroupingBlock: (segments [B, G_out, C], soft, hard [B, N, G_out])."""
@@ -329,6 +391,7 @@ class PatchEmbedding(nn.Module):
 
     A reshape and a matmul: on CPU about twice as fast as the equivalent strided convolution.
     """
+
     patch_size: int
     features: int
     dtype: jnp.dtype
@@ -350,6 +413,7 @@ class PatchEmbedding(nn.Module):
 
 class VisionEncoder(nn.Module):
     """GroupViT's image encoder: patches -> stages of blocks and grouping -> segment tokens."""
+
     config: ml_collections.ConfigDict
 
     def setup(self):
@@ -359,12 +423,15 @@ class VisionEncoder(nn.Module):
         kernel_init = weight_init(cfg)
         self.patch_embed = PatchEmbedding(cfg.patch_size, cfg.width, dtype, kernel_init)
         self.patch_norm = nn.LayerNorm(cfg.layer_norm_eps, dtype=dtype)
-        self.position_embedding = self.param("position_embedding", kernel_init,
-                                             (1, self.grid_size**2, cfg.width))
+        self.position_embedding = self.param(
+            "position_embedding", kernel_init, (1, self.grid_size**2, cfg.width)
+        )
         rates = [float(r) for r in np.linspace(0.0, cfg.drop_path_rate, sum(cfg.depths))]
         starts = np.cumsum((0,) + tuple(cfg.depths))
-        self.stages = [VisionStage(cfg, i, tuple(rates[starts[i]:starts[i + 1]]))
-                       for i in range(len(cfg.depths))]
+        self.stages = [
+            VisionStage(cfg, i, tuple(rates[starts[i] : starts[i + 1]]))
+            for i in range(len(cfg.depths))
+        ]
         self.norm = nn.LayerNorm(cfg.layer_norm_eps, dtype=dtype)
 
     def embed(self, images: jnp.ndarray) -> jnp.ndarray:
@@ -377,7 +444,9 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"images must be [B, H, W, {cfg.num_channels}], got {images.shape}")
         p = cfg.patch_size
         if images.shape[1] % p or images.shape[2] % p:
-            raise ValueError(f"image size {images.shape[1:3]} is not a multiple of the patch size {p}")
+            raise ValueError(
+                f"image size {images.shape[1:3]} is not a multiple of the patch size {p}"
+            )
         x = self.patch_norm(self.patch_embed(images))
         batch, h, w, width = x.shape
         position = self.position_embedding
@@ -390,12 +459,20 @@ class VisionEncoder(nn.Module):
         """The learned stage-1 group tokens broadcast to a batch: [batch_size, G1, width]."""
         return self.stages[0].initial_group_tokens(batch_size, None)
 
-    def stage1(self, x: jnp.ndarray, group_tokens: jnp.ndarray, *, blocks: slice = slice(None),
-               train: bool = False):
+    def stage1(
+        self,
+        x: jnp.ndarray,
+        group_tokens: jnp.ndarray,
+        *,
+        blocks: slice = slice(None),
+        train: bool = False,
+    ):
         """Runs the stage-1 blocks `blocks` over [x; group_tokens]: ([B, N, C], [B, G1, C]) -> same."""
         return self.stages[0].run_blocks(x, group_tokens, blocks, train)
 
-    def group(self, x: jnp.ndarray, stage1_group_tokens: jnp.ndarray, *, train: bool = False) -> dict:
+    def group(
+        self, x: jnp.ndarray, stage1_group_tokens: jnp.ndarray, *, train: bool = False
+    ) -> dict:
         """Everything after the stage-1 blocks.
 
         Args:
@@ -419,8 +496,12 @@ class VisionEncoder(nn.Module):
                 soft.append(stage_soft)
                 hard.append(stage_hard)
         segments = self.norm(x)
-        return dict(segments=segments, pooled=jnp.mean(segments, axis=1),
-                    soft_assignments=tuple(soft), hard_assignments=tuple(hard))
+        return dict(
+            segments=segments,
+            pooled=jnp.mean(segments, axis=1),
+            soft_assignments=tuple(soft),
+            hard_assignments=tuple(hard),
+        )
 
     def __call__(self, images: jnp.ndarray, *, train: bool = False) -> dict:
         x = self.embed(images)
@@ -430,28 +511,41 @@ class VisionEncoder(nn.Module):
 
 class TextEncoder(nn.Module):
     """CLIP-style causal text transformer; the feature is read at the end-of-text token."""
+
     config: ml_collections.ConfigDict
 
     def setup(self):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        self.token_embedding = nn.Embed(cfg.vocab_size, cfg.text_width, dtype=dtype,
-                                        embedding_init=nn.initializers.normal(0.02))
-        self.position_embedding = self.param("position_embedding", nn.initializers.normal(0.01),
-                                             (cfg.context_length, cfg.text_width))
+        self.token_embedding = nn.Embed(
+            cfg.vocab_size, cfg.text_width, dtype=dtype, embedding_init=nn.initializers.normal(0.02)
+        )
+        self.position_embedding = self.param(
+            "position_embedding", nn.initializers.normal(0.01), (cfg.context_length, cfg.text_width)
+        )
         block, kernel_init = _maybe_remat(Block, cfg, 2), weight_init(cfg)
-        self.blocks = [block(cfg.text_heads, round(cfg.text_mlp_ratio * cfg.text_width), quick_gelu,
-                             cfg.layer_norm_eps, dtype, causal=True, kernel_init=kernel_init)
-                       for _ in range(cfg.text_layers)]
+        self.blocks = [
+            block(
+                cfg.text_heads,
+                round(cfg.text_mlp_ratio * cfg.text_width),
+                quick_gelu,
+                cfg.layer_norm_eps,
+                dtype,
+                causal=True,
+                kernel_init=kernel_init,
+            )
+            for _ in range(cfg.text_layers)
+        ]
         self.norm = nn.LayerNorm(cfg.layer_norm_eps, dtype=dtype)
 
     def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
         """tokens int[B, L] (L <= context_length; EOT the largest id of each row) -> [B, text_width]."""
         if tokens.ndim != 2 or tokens.shape[1] > self.config.context_length:
-            raise ValueError(f"tokens must be [B, L] with L <= {self.config.context_length}, "
-                             f"got {tokens.shape}")
+            raise ValueError(
+                f"tokens must be [B, L] with L <= {self.config.context_length}, got {tokens.shape}"
+            )
         x = self.token_embedding(tokens)
-        x = x + self.position_embedding[:tokens.shape[1]].astype(x.dtype)
+        x = x + self.position_embedding[: tokens.shape[1]].astype(x.dtype)
         for block in self.blocks:
             # Text blocks never use drop-path, so `train` does not matter here.
             x = block(x, False)
@@ -466,13 +560,20 @@ class BatchNorm(nn.Module):
     variance's with the unbiased batch variance (normalisation uses the biased one, as torch).
     `batch_stats`: mean, var and count (torch's num_batches_tracked).
     """
+
     momentum: float = 0.9
     epsilon: float = 1e-5
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool, stats_from: jnp.ndarray | None = None,
-                 update_stats: bool = True) -> jnp.ndarray:
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        *,
+        train: bool,
+        stats_from: jnp.ndarray | None = None,
+        update_stats: bool = True,
+    ) -> jnp.ndarray:
         """x [..., F] -> [..., F]; in training normalised with the statistics of `stats_from`
         ([..., F], default x) over all its leading axes (the global batch under jit)."""
         features = x.shape[-1]
@@ -482,10 +583,14 @@ class BatchNorm(nn.Module):
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         count = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
         if train:
-            ref = (x if stats_from is None else stats_from).reshape(-1, features).astype(jnp.float32)
+            ref = (
+                (x if stats_from is None else stats_from).reshape(-1, features).astype(jnp.float32)
+            )
             n = ref.shape[0]
             if n < 2:
-                raise ValueError(f"BatchNorm in training needs more than one value per feature, got {n}")
+                raise ValueError(
+                    f"BatchNorm in training needs more than one value per feature, got {n}"
+                )
             mean = jnp.mean(ref, axis=0)
             var = jnp.mean(jnp.square(ref - mean), axis=0)
             if update_stats and not self.is_initializing():
@@ -502,6 +607,7 @@ class BatchNorm(nn.Module):
 class Projector(nn.Module):
     """Dense(hidden) -> BatchNorm -> ReLU -> Dense(out). Returns UNnormalised vectors; GroupViT's
     project_* methods L2-normalise them."""
+
     hidden: int
     out: int
     dtype: jnp.dtype = jnp.float32
@@ -512,8 +618,14 @@ class Projector(nn.Module):
         self.bn = BatchNorm(dtype=self.dtype)
         self.fc2 = nn.Dense(self.out, dtype=self.dtype, kernel_init=self.kernel_init)
 
-    def __call__(self, x: jnp.ndarray, *, train: bool, stats_from: jnp.ndarray | None = None,
-                 update_stats: bool = True) -> jnp.ndarray:
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        *,
+        train: bool,
+        stats_from: jnp.ndarray | None = None,
+        update_stats: bool = True,
+    ) -> jnp.ndarray:
         """x [..., in] -> [..., out].
 
         Args:
@@ -534,6 +646,7 @@ class GroupViT(nn.Module):
     Training calls (`train=True`) need rngs {'gumbel', 'dropout'} and, unless update_stats=False,
     `mutable=['batch_stats']` (the projectors' running averages).
     """
+
     config: ml_collections.ConfigDict
 
     def setup(self):
@@ -543,46 +656,76 @@ class GroupViT(nn.Module):
         self.vision = VisionEncoder(cfg)
         self.text = TextEncoder(cfg)
         kernel_init = weight_init(cfg)
-        self.image_projector = Projector(cfg.projection_hidden, cfg.projection_dim, dtype, kernel_init)
-        self.text_projector = Projector(cfg.projection_hidden, cfg.projection_dim, dtype, kernel_init)
+        self.image_projector = Projector(
+            cfg.projection_hidden, cfg.projection_dim, dtype, kernel_init
+        )
+        self.text_projector = Projector(
+            cfg.projection_hidden, cfg.projection_dim, dtype, kernel_init
+        )
         # Not clamped here (as HF); the losses and the segmentation clamp exp() at 100.
-        self.logit_scale = self.param("logit_scale", nn.initializers.constant(cfg.logit_scale_init), (),
-                                      jnp.float32)
+        self.logit_scale = self.param(
+            "logit_scale", nn.initializers.constant(cfg.logit_scale_init), (), jnp.float32
+        )
 
-    def project_image(self, pooled: jnp.ndarray, *, train: bool = False,
-                      stats_from: jnp.ndarray | None = None, update_stats: bool = True) -> jnp.ndarray:
+    def project_image(
+        self,
+        pooled: jnp.ndarray,
+        *,
+        train: bool = False,
+        stats_from: jnp.ndarray | None = None,
+        update_stats: bool = True,
+    ) -> jnp.ndarray:
         """Pooled image vectors [B, width] -> L2-normalised float32 embeddings [B, D]."""
-        return l2_normalize(self.image_projector(pooled, train=train, stats_from=stats_from,
-                                                 update_stats=update_stats))
+        return l2_normalize(
+            self.image_projector(
+                pooled, train=train, stats_from=stats_from, update_stats=update_stats
+            )
+        )
 
-    def project_segments(self, segments: jnp.ndarray, *, train: bool = False,
-                         stats_from: jnp.ndarray | None = None, update_stats: bool = False) -> jnp.ndarray:
+    def project_segments(
+        self,
+        segments: jnp.ndarray,
+        *,
+        train: bool = False,
+        stats_from: jnp.ndarray | None = None,
+        update_stats: bool = False,
+    ) -> jnp.ndarray:
         """Segment tokens [B, G, width] -> L2-normalised float32 [B, G, D] via the image projector.
 
         In training, BatchNorm uses the statistics of `stats_from` (e.g. the branch's pooled
         vectors [B, width]; default the segments themselves) and by default leaves the running
         averages alone.
         """
-        return l2_normalize(self.image_projector(segments, train=train, stats_from=stats_from,
-                                                 update_stats=update_stats))
+        return l2_normalize(
+            self.image_projector(
+                segments, train=train, stats_from=stats_from, update_stats=update_stats
+            )
+        )
 
-    def project_text(self, pooled: jnp.ndarray, *, train: bool = False,
-                     update_stats: bool = True) -> jnp.ndarray:
+    def project_text(
+        self, pooled: jnp.ndarray, *, train: bool = False, update_stats: bool = True
+    ) -> jnp.ndarray:
         """Text features [B, text_width] -> L2-normalised float32 embeddings [B, D]."""
         return l2_normalize(self.text_projector(pooled, train=train, update_stats=update_stats))
 
-    def encode_image(self, images: jnp.ndarray, *, train: bool = False, update_stats: bool = True) -> dict:
+    def encode_image(
+        self, images: jnp.ndarray, *, train: bool = False, update_stats: bool = True
+    ) -> dict:
         """images float[B, H, W, C] (normalised) -> dict(embedding [B, D], pooled [B, width],
         segments [B, G, width], soft_assignments, hard_assignments (tuples of [B, N_in, G_out]))."""
         out = self.vision(images, train=train)
         out["embedding"] = self.project_image(out["pooled"], train=train, update_stats=update_stats)
         return out
 
-    def encode_text(self, tokens: jnp.ndarray, *, train: bool = False, update_stats: bool = True) -> dict:
+    def encode_text(
+        self, tokens: jnp.ndarray, *, train: bool = False, update_stats: bool = True
+    ) -> dict:
         """tokens int[B, L] -> dict(embedding [B, D] L2-normalised, pooled [B, text_width])."""
         pooled = self.text(tokens)
-        return dict(embedding=self.project_text(pooled, train=train, update_stats=update_stats),
-                    pooled=pooled)
+        return dict(
+            embedding=self.project_text(pooled, train=train, update_stats=update_stats),
+            pooled=pooled,
+        )
 
     def __call__(self, images: jnp.ndarray, tokens: jnp.ndarray, *, train: bool = False) -> dict:
         """Both towers. logits_per_image [B_img, B_txt] = exp(logit_scale) I T^T, unclamped (as
@@ -591,7 +734,9 @@ class GroupViT(nn.Module):
         text = self.encode_text(tokens, train=train)
         out["image_embedding"] = out.pop("embedding")
         out["text_embedding"] = text["embedding"]
-        out["logits_per_image"] = jnp.exp(self.logit_scale) * out["image_embedding"] @ text["embedding"].T
+        out["logits_per_image"] = (
+            jnp.exp(self.logit_scale) * out["image_embedding"] @ text["embedding"].T
+        )
         return out
 
 

@@ -8,7 +8,8 @@ The original and mixed branches go through each stage-1 block together as one ba
 the three branches through the grouping stages as one batch of 3B: the same arithmetic as separate
 calls, in fewer and larger matmuls.
 """
-from typing import Callable
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,17 +18,17 @@ from mixreorg_jax.ops import mixing
 
 
 def mixreorg_image_forward(
-        model,
-        images: jnp.ndarray,
-        plan: mixing.MixingPlan,
-        *,
-        contextual_depth: int = 1,
-        progressive_weight: float = 1.0,
-        progressive_mode: str = "add",
-        train: bool = True,
-        mix_fn: Callable = mixing.mix_tokens,
-        restore_fn: Callable = mixing.restore_tokens,
-        restored: bool = True,
+    model,
+    images: jnp.ndarray,
+    plan: mixing.MixingPlan,
+    *,
+    contextual_depth: int = 1,
+    progressive_weight: float = 1.0,
+    progressive_mode: str = "add",
+    train: bool = True,
+    mix_fn: Callable = mixing.mix_tokens,
+    restore_fn: Callable = mixing.restore_tokens,
+    restored: bool = True,
 ) -> dict[str, dict]:
     """Runs the original, mixed and restored branches of the image encoder.
 
@@ -54,12 +55,15 @@ def mixreorg_image_forward(
     vision = model.vision
     depth = model.config.depths[0]
     if not 0 <= contextual_depth <= depth:
-        raise ValueError(f"contextual_depth={contextual_depth} must lie in [0, {depth}] (stage-1 depth)")
+        raise ValueError(
+            f"contextual_depth={contextual_depth} must lie in [0, {depth}] (stage-1 depth)"
+        )
 
     x = vision.embed(images)
     batch = x.shape[0]
-    x, g = vision.stage1(x, vision.stage1_group_tokens(batch), blocks=slice(0, contextual_depth),
-                         train=train)
+    x, g = vision.stage1(
+        x, vision.stage1_group_tokens(batch), blocks=slice(0, contextual_depth), train=train
+    )
     # Mixed images start with the learned group tokens afresh, not with image-specific ones.
     x = jnp.concatenate([x, mix_fn(x, plan)])
     g = jnp.concatenate([g, vision.stage1_group_tokens(batch)])
@@ -80,6 +84,7 @@ def mixreorg_image_forward(
         xs.append(restore_fn(x_mixed, plan))
         gs.append(g_orig)
     out = vision.group(jnp.concatenate(xs), jnp.concatenate(gs), train=train)
-    return {name: jax.tree.map(lambda a, i=i: a[i * batch:(i + 1) * batch], out)
-            for i, name in enumerate(names)}
-
+    return {
+        name: jax.tree.map(lambda a, i=i: a[i * batch : (i + 1) * batch], out)
+        for i, name in enumerate(names)
+    }

@@ -21,6 +21,7 @@ Fields (all read by `mixreorg_jax.models.groupvit`):
   remat: rematerialise the transformer and grouping blocks in the backward pass (saves
       activation memory; `python -m mixreorg_jax.benchmark --memory_only` measures it).
 """
+
 import math
 
 import ml_collections
@@ -28,76 +29,82 @@ import ml_collections
 
 def _groupvit_s() -> ml_collections.ConfigDict:
     """GroupViT-S, the paper-scale model, 55.7M parameters (Xu et al. 2022; HF nvidia/groupvit-gcc-*)."""
-    return ml_collections.ConfigDict(dict(
-        image_size=224,
-        patch_size=16,
-        num_channels=3,
-        width=384,
-        num_heads=6,
-        mlp_ratio=4.0,
-        depths=(6, 3, 3),
-        num_group_tokens=(64, 8, 0),
-        num_output_groups=(64, 8, 8),
-        assign_mlp_ratio=(0.5, 4.0),
-        assign_eps=1.0,
-        drop_path_rate=0.1,
-        layer_norm_eps=1e-5,
-        text_width=256,
-        text_layers=12,
-        text_heads=4,
-        text_mlp_ratio=4.0,
-        vocab_size=49408,
-        context_length=77,
-        projection_dim=256,
-        projection_hidden=4096,
-        logit_scale_init=math.log(1 / 0.07),
-        weight_init="groupvit",
-        dtype="float32",
-        remat=False,
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            image_size=224,
+            patch_size=16,
+            num_channels=3,
+            width=384,
+            num_heads=6,
+            mlp_ratio=4.0,
+            depths=(6, 3, 3),
+            num_group_tokens=(64, 8, 0),
+            num_output_groups=(64, 8, 8),
+            assign_mlp_ratio=(0.5, 4.0),
+            assign_eps=1.0,
+            drop_path_rate=0.1,
+            layer_norm_eps=1e-5,
+            text_width=256,
+            text_layers=12,
+            text_heads=4,
+            text_mlp_ratio=4.0,
+            vocab_size=49408,
+            context_length=77,
+            projection_dim=256,
+            projection_hidden=4096,
+            logit_scale_init=math.log(1 / 0.07),
+            weight_init="groupvit",
+            dtype="float32",
+            remat=False,
+        )
+    )
 
 
 def _tiny() -> ml_collections.ConfigDict:
     """0.14M parameters (plus the 1.6M-entry CLIP token table) for CPU unit tests."""
     config = _groupvit_s()
-    config.update(dict(
-        image_size=32,
-        patch_size=4,
-        width=32,
-        num_heads=2,
-        depths=(2, 1, 1),
-        num_group_tokens=(8, 4, 0),
-        num_output_groups=(8, 4, 4),
-        drop_path_rate=0.0,
-        text_width=32,
-        text_layers=2,
-        text_heads=2,
-        context_length=16,
-        projection_dim=32,
-        projection_hidden=64,
-    ))
+    config.update(
+        dict(
+            image_size=32,
+            patch_size=4,
+            width=32,
+            num_heads=2,
+            depths=(2, 1, 1),
+            num_group_tokens=(8, 4, 0),
+            num_output_groups=(8, 4, 4),
+            drop_path_rate=0.0,
+            text_width=32,
+            text_layers=2,
+            text_heads=2,
+            context_length=16,
+            projection_dim=32,
+            projection_hidden=64,
+        )
+    )
     return config
 
 
 def _demo() -> ml_collections.ConfigDict:
     """A small model that trains on two CPU cores in minutes (the synthetic world, 32 px)."""
     config = _groupvit_s()
-    config.update(dict(
-        image_size=32,
-        patch_size=4,
-        width=64,
-        num_heads=2,
-        depths=(3, 1, 1),
-        num_group_tokens=(16, 8, 0),
-        num_output_groups=(16, 8, 8),
-        drop_path_rate=0.0,
-        text_width=64,
-        text_layers=2,
-        text_heads=2,
-        context_length=24,
-        projection_dim=64,
-        projection_hidden=256,
-    ))
+    config.update(
+        dict(
+            image_size=32,
+            patch_size=4,
+            width=64,
+            num_heads=2,
+            depths=(3, 1, 1),
+            num_group_tokens=(16, 8, 0),
+            num_output_groups=(16, 8, 8),
+            drop_path_rate=0.0,
+            text_width=64,
+            text_layers=2,
+            text_heads=2,
+            context_length=24,
+            projection_dim=64,
+            projection_hidden=256,
+        )
+    )
     return config
 
 

@@ -6,13 +6,15 @@ ignored (jitted on device). The matrices are summed over the whole dataset (and 
 ground-truth area + predicted area - intersection; classes whose union is 0 (absent from both the
 ground truth and the predictions) are NaN and left out of the mean (mmseg's `np.nanmean`).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
-                     ignore_index: int = 255) -> jax.Array:
+def confusion_matrix(
+    pred: jax.Array, label: jax.Array, num_classes: int, ignore_index: int = 255
+) -> jax.Array:
     """Pixel counts of (ground-truth class, predicted class) pairs of one image (or batch).
 
     Pixels labelled `ignore_index` are skipped, as are labels outside [0, num_classes) (well-formed

@@ -10,7 +10,9 @@ All indices that drive the gathers are IN-GROUP indices (0..K-1). The same `mix_
 therefore correct on the global batch and on any slice of it that holds whole groups, which is
 what lets `mix_tokens_sharded` run per device with no cross-device traffic.
 """
-from typing import NamedTuple, Sequence
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,7 @@ class MixingPlan(NamedTuple):
             carries K, so the gathers need no static argument; it also lists the candidate
             captions of each mixed image for a loss restricted to its group.
     """
+
     member: jax.Array
     inverse: jax.Array
     source: jax.Array
@@ -61,15 +64,18 @@ def _check_plan_arguments(batch_size, grid, group_size, block_size):
         raise ValueError(f"group_size must be at least 1, got {group_size}.")
     if batch_size < 1 or batch_size % group_size:
         raise ValueError(
-            f"batch_size {batch_size} must be a positive multiple of group_size {group_size}.")
+            f"batch_size {batch_size} must be a positive multiple of group_size {group_size}."
+        )
     if block_size < 1 or h % block_size or w % block_size:
         valid = [s for s in range(1, min(h, w) + 1) if h % s == 0 and w % s == 0]
-        raise ValueError(f"block_size {block_size} does not divide the {h}x{w} patch grid; "
-                         f"valid sizes: {valid}.")
+        raise ValueError(
+            f"block_size {block_size} does not divide the {h}x{w} patch grid; valid sizes: {valid}."
+        )
 
 
-def mixing_plan(rng: jax.Array, batch_size: int, grid: Sequence[int], group_size: int,
-                block_size: int = 1) -> MixingPlan:
+def mixing_plan(
+    rng: jax.Array, batch_size: int, grid: Sequence[int], group_size: int, block_size: int = 1
+) -> MixingPlan:
     """Draws the mixing permutations for a batch; a pure function of `rng`.
 
     Args:
@@ -102,14 +108,15 @@ def mixing_plan(rng: jax.Array, batch_size: int, grid: Sequence[int], group_size
     group_start = (jnp.arange(batch_size, dtype=jnp.int32) // k) * k
     source = group_start[:, None] + member
     group_captions = group_start[:, None] + jnp.arange(k, dtype=jnp.int32)
-    return MixingPlan(member=member, inverse=inverse, source=source,
-                      group_captions=group_captions)
+    return MixingPlan(member=member, inverse=inverse, source=source, group_captions=group_captions)
 
 
 def _check_tokens(tokens: jax.Array, plan: MixingPlan):
     if tokens.ndim != 3 or tokens.shape[:2] != plan.member.shape:
-        raise ValueError(f"tokens must be [B, N, C] with (B, N) = {plan.member.shape} as in "
-                         f"the plan, got {tokens.shape}.")
+        raise ValueError(
+            f"tokens must be [B, N, C] with (B, N) = {plan.member.shape} as in "
+            f"the plan, got {tokens.shape}."
+        )
 
 
 def _gather_in_group(tokens: jax.Array, index: jax.Array, group_size: int) -> jax.Array:
@@ -145,8 +152,9 @@ def restore_tokens(mixed: jax.Array, plan: MixingPlan) -> jax.Array:
     return _gather_in_group(mixed, plan.inverse, plan.group_size)
 
 
-def _per_device(op, tokens: jax.Array, plan: MixingPlan, mesh: jax.sharding.Mesh,
-                batch_axes: Sequence[str]) -> jax.Array:
+def _per_device(
+    op, tokens: jax.Array, plan: MixingPlan, mesh: jax.sharding.Mesh, batch_axes: Sequence[str]
+) -> jax.Array:
     _check_tokens(tokens, plan)
     batch_axes = tuple(batch_axes)
     unknown = [a for a in batch_axes if a not in mesh.shape]
@@ -157,14 +165,19 @@ def _per_device(op, tokens: jax.Array, plan: MixingPlan, mesh: jax.sharding.Mesh
     if batch % num_shards or (batch // num_shards) % k:
         raise ValueError(
             f"Batch {batch} over {num_shards} devices (mesh axes {batch_axes}) must give each "
-            f"device a whole number of groups of {k} images.")
+            f"device a whole number of groups of {k} images."
+        )
     spec = P(batch_axes)
     plan_spec = MixingPlan(*(spec,) * len(MixingPlan._fields))
     return jax.shard_map(op, mesh=mesh, in_specs=(spec, plan_spec), out_specs=spec)(tokens, plan)
 
 
-def mix_tokens_sharded(tokens: jax.Array, plan: MixingPlan, mesh: jax.sharding.Mesh,
-                       batch_axes: Sequence[str] = ("data",)) -> jax.Array:
+def mix_tokens_sharded(
+    tokens: jax.Array,
+    plan: MixingPlan,
+    mesh: jax.sharding.Mesh,
+    batch_axes: Sequence[str] = ("data",),
+) -> jax.Array:
     """`mix_tokens` run per device on its slice of the batch, with no cross-device traffic.
 
     tokens [B, N, C] and the plan are split along the batch over the mesh axes `batch_axes`;
@@ -173,7 +186,11 @@ def mix_tokens_sharded(tokens: jax.Array, plan: MixingPlan, mesh: jax.sharding.M
     return _per_device(mix_tokens, tokens, plan, mesh, batch_axes)
 
 
-def restore_tokens_sharded(mixed: jax.Array, plan: MixingPlan, mesh: jax.sharding.Mesh,
-                           batch_axes: Sequence[str] = ("data",)) -> jax.Array:
+def restore_tokens_sharded(
+    mixed: jax.Array,
+    plan: MixingPlan,
+    mesh: jax.sharding.Mesh,
+    batch_axes: Sequence[str] = ("data",),
+) -> jax.Array:
     """`restore_tokens` run per device; same layout and checks as `mix_tokens_sharded`."""
     return _per_device(restore_tokens, mixed, plan, mesh, batch_axes)

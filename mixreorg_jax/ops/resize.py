@@ -5,8 +5,9 @@ kernel with a = -0.75 and clamps sample indices at the border; `jax.image.resize
 a = -0.5 (Keys) and renormalises at the edges, so it gives different position embeddings than
 the PyTorch models the checkpoints come from.
 """
-import numpy as np
+
 import jax.numpy as jnp
+import numpy as np
 
 _CUBIC_A = -0.75  # PyTorch's (and OpenCV's) cubic convolution coefficient.
 
@@ -47,6 +48,5 @@ def bicubic_resize(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
     height, width = size
     rows = jnp.asarray(bicubic_matrix(x.shape[-3], height), jnp.float32)
     cols = jnp.asarray(bicubic_matrix(x.shape[-2], width), jnp.float32)
-    out = jnp.einsum("hH,...HWc,wW->...hwc", rows, x.astype(jnp.float32), cols,
-                     precision="highest")
+    out = jnp.einsum("hH,...HWc,wW->...hwc", rows, x.astype(jnp.float32), cols, precision="highest")
     return out.astype(x.dtype)

@@ -12,8 +12,9 @@ and per image, `segment_image` resizes the short side to 448, normalises, slides
 over the image at stride 224, resizes the averaged scores back to the original size and takes the
 argmax, as mmsegmentation 0.18's `slide_inference` + `simple_test` do for the released configs.
 """
+
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +30,9 @@ MAX_LOGIT_SCALE = 100.0
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def resize_bilinear(x: jax.Array, out_hw: Sequence[int], spatial_axes: tuple[int, int] = (-2, -1)
-                    ) -> jax.Array:
+def resize_bilinear(
+    x: jax.Array, out_hw: Sequence[int], spatial_axes: tuple[int, int] = (-2, -1)
+) -> jax.Array:
     """Bilinear resize with PyTorch's `F.interpolate(mode='bilinear', align_corners=False)` semantics.
 
     Half-pixel sample centres, edges clamped, no antialiasing when shrinking (as PyTorch, mmcv and
@@ -66,8 +68,10 @@ def chain_assignments(soft_assignments: Sequence[jax.Array]) -> jax.Array:
     chained = soft_assignments[0]
     for stage, assignment in enumerate(soft_assignments[1:], start=1):
         if assignment.shape[1] != chained.shape[2]:
-            raise ValueError(f"Stage {stage} assigns {assignment.shape[1]} tokens but the previous "
-                             f"stage produced {chained.shape[2]} groups.")
+            raise ValueError(
+                f"Stage {stage} assigns {assignment.shape[1]} tokens but the previous "
+                f"stage produced {chained.shape[2]} groups."
+            )
         chained = jnp.einsum("bng,bgk->bnk", chained, assignment, precision=_HIGHEST)
     return chained
 
@@ -98,8 +102,14 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def group_class_scores(segment_emb: jax.Array, image_emb: jax.Array, class_emb: jax.Array,
-                       logit_scale: jax.Array | float, *, top_k: int = 5) -> jax.Array:
+def group_class_scores(
+    segment_emb: jax.Array,
+    image_emb: jax.Array,
+    class_emb: jax.Array,
+    logit_scale: jax.Array | float,
+    *,
+    top_k: int = 5,
+) -> jax.Array:
     """Group x class scores of one crop each, as the released `GroupViTSegInference.encode_decode`.
 
     The released sequence, for each crop:
@@ -123,20 +133,23 @@ def group_class_scores(segment_emb: jax.Array, image_emb: jax.Array, class_emb: 
     num_classes = class_emb.shape[0]
     scale = jnp.minimum(jnp.asarray(logit_scale, segment_emb.dtype), MAX_LOGIT_SCALE)
     class_emb = _l2_normalize(class_emb)
-    group_logits = jnp.einsum("bgd,cd->bgc", _l2_normalize(segment_emb), class_emb,
-                              precision=_HIGHEST) * scale
+    group_logits = (
+        jnp.einsum("bgd,cd->bgc", _l2_normalize(segment_emb), class_emb, precision=_HIGHEST) * scale
+    )
     group_probs = jax.nn.softmax(group_logits, axis=-1)
     image_probs = jax.nn.softmax(
         jnp.einsum("bd,cd->bc", _l2_normalize(image_emb), class_emb, precision=_HIGHEST) * scale,
-        axis=-1)
+        axis=-1,
+    )
     _, top_classes = jax.lax.top_k(image_probs, min(top_k, num_classes))  # [B, k]
     keep = jnp.any(top_classes[:, :, None] == jnp.arange(num_classes), axis=1)  # [B, C]
     masked_logits = jnp.where(keep[:, None, :], group_logits, -jnp.inf)
     return jax.nn.softmax(masked_logits, axis=-1) * group_probs
 
 
-def pixel_class_scores(onehot_group_map: jax.Array, scores: jax.Array, *,
-                       bg_thresh: float | None = None) -> jax.Array:
+def pixel_class_scores(
+    onehot_group_map: jax.Array, scores: jax.Array, *, bg_thresh: float | None = None
+) -> jax.Array:
     """Per-pixel class scores of a crop: the one-hot group map times the group-class matrix.
 
     With `bg_thresh`, a background channel is prepended (index 0, the label of background): 1 where
@@ -159,8 +172,9 @@ def pixel_class_scores(onehot_group_map: jax.Array, scores: jax.Array, *,
     return jnp.concatenate([background[:, None].astype(class_maps.dtype), class_maps], axis=1)
 
 
-def window_boxes(image_hw: Sequence[int], window: int = 448, stride: int = 224
-                 ) -> list[tuple[int, int, int, int]]:
+def window_boxes(
+    image_hw: Sequence[int], window: int = 448, stride: int = 224
+) -> list[tuple[int, int, int, int]]:
     """Sliding-window boxes (y1, y2, x1, x2) of mmseg's `slide_inference`, row-major.
 
     Windows start every `stride` pixels; the last one in each direction is shifted back to end at
@@ -190,8 +204,9 @@ def _window_pixels(image_hw, window, stride):
 # model between them compiles once for a fixed crop batch, and eager callers do not pay for many
 # small per-op compiles. A single gather cuts all windows and a single scatter-add merges them.
 @functools.partial(jax.jit, static_argnames=("window", "stride", "multiple"))
-def cut_windows(image: jax.Array, *, window: int = 448, stride: int = 224, multiple: int = 1
-                ) -> jax.Array:
+def cut_windows(
+    image: jax.Array, *, window: int = 448, stride: int = 224, multiple: int = 1
+) -> jax.Array:
     """All sliding windows of an image, float[n', h, w, C], zero crops appended so n' % multiple == 0.
 
     `image` is [H, W, C]; the windows are `window_boxes(image.shape[:2], window, stride)`.
@@ -203,14 +218,17 @@ def cut_windows(image: jax.Array, *, window: int = 448, stride: int = 224, multi
 
 
 @functools.partial(jax.jit, static_argnames=("image_hw", "window", "stride"))
-def merge_windows(window_scores: jax.Array, *, image_hw: tuple[int, int], window: int = 448,
-                  stride: int = 224) -> jax.Array:
+def merge_windows(
+    window_scores: jax.Array, *, image_hw: tuple[int, int], window: int = 448, stride: int = 224
+) -> jax.Array:
     """Window scores [n', C', h, w] (padding windows last, dropped) -> [C', H, W] overlap average."""
     rows, cols = _window_pixels(image_hw, window, stride)
     if window_scores.shape[2:] != (rows.shape[1], cols.shape[1]):
-        raise ValueError(f"Window scores {window_scores.shape} do not match the "
-                         f"{rows.shape[1]}x{cols.shape[1]} windows; expected [n, C', h, w].")
-    window_scores = jnp.moveaxis(window_scores[:len(rows)], 1, 0)  # [C', n, h, w]
+        raise ValueError(
+            f"Window scores {window_scores.shape} do not match the "
+            f"{rows.shape[1]}x{cols.shape[1]} windows; expected [n, C', h, w]."
+        )
+    window_scores = jnp.moveaxis(window_scores[: len(rows)], 1, 0)  # [C', n, h, w]
     summed = jnp.zeros((window_scores.shape[0],) + tuple(image_hw), window_scores.dtype)
     summed = summed.at[:, rows[:, :, None], cols[:, None, :]].add(window_scores)
     counts = np.zeros(image_hw, np.float32)
@@ -218,9 +236,14 @@ def merge_windows(window_scores: jax.Array, *, image_hw: tuple[int, int], window
     return summed / counts.astype(summed.dtype)
 
 
-def sliding_window_inference(image: jax.Array, crop_fn: Callable[[jax.Array], jax.Array], *,
-                             window: int = 448, stride: int = 224,
-                             windows_per_call: int | None = None) -> jax.Array:
+def sliding_window_inference(
+    image: jax.Array,
+    crop_fn: Callable[[jax.Array], jax.Array],
+    *,
+    window: int = 448,
+    stride: int = 224,
+    windows_per_call: int | None = None,
+) -> jax.Array:
     """Window scores summed over the image and divided by the overlap count (mmseg's slide mode).
 
     Args:
@@ -241,13 +264,18 @@ def sliding_window_inference(image: jax.Array, crop_fn: Callable[[jax.Array], ja
     if windows_per_call is None:
         window_scores = crop_fn(crops)
     else:
-        window_scores = jnp.concatenate([crop_fn(crops[i:i + windows_per_call])
-                                         for i in range(0, len(crops), windows_per_call)])
+        window_scores = jnp.concatenate(
+            [
+                crop_fn(crops[i : i + windows_per_call])
+                for i in range(0, len(crops), windows_per_call)
+            ]
+        )
     return merge_windows(window_scores, image_hw=image_hw, window=window, stride=stride)
 
 
-def rescaled_size(image_hw: Sequence[int], short: int = 448, max_long: int = 2048
-                  ) -> tuple[int, int]:
+def rescaled_size(
+    image_hw: Sequence[int], short: int = 448, max_long: int = 2048
+) -> tuple[int, int]:
     """mmcv's keep-ratio rescale: scale = min(short / short side, max_long / long side), rounded."""
     height, width = image_hw
     scale = min(short / min(height, width), max_long / max(height, width))
@@ -285,9 +313,16 @@ def scores_to_labels(scores: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
     return jnp.argmax(resize_bilinear(scores, out_hw), axis=0).astype(jnp.int32)
 
 
-def segment_image(image: jax.Array, crop_fn: Callable[[jax.Array], jax.Array], *,
-                  short: int = 448, max_long: int = 2048, window: int = 448, stride: int = 224,
-                  windows_per_call: int | None = None) -> jax.Array:
+def segment_image(
+    image: jax.Array,
+    crop_fn: Callable[[jax.Array], jax.Array],
+    *,
+    short: int = 448,
+    max_long: int = 2048,
+    window: int = 448,
+    stride: int = 224,
+    windows_per_call: int | None = None,
+) -> jax.Array:
     """Label prediction for one image with the released protocol (method.md section 2, step 5).
 
     Resize (short side 448, long side at most 2048), normalise, slide `crop_fn`, resize the
@@ -303,13 +338,15 @@ def segment_image(image: jax.Array, crop_fn: Callable[[jax.Array], jax.Array], *
         the dataset's `class_names`, background first where it has one).
     """
     resized = normalize_image(resize_short_side(image, short, max_long))
-    scores = sliding_window_inference(resized, crop_fn, window=window, stride=stride,
-                                      windows_per_call=windows_per_call)
+    scores = sliding_window_inference(
+        resized, crop_fn, window=window, stride=stride, windows_per_call=windows_per_call
+    )
     return scores_to_labels(scores, tuple(image.shape[:2]))
 
 
-def group_oracle_prediction(onehot_group_map: jax.Array, label: jax.Array, num_classes: int,
-                            ignore_index: int = 255) -> jax.Array:
+def group_oracle_prediction(
+    onehot_group_map: jax.Array, label: jax.Array, num_classes: int, ignore_index: int = 255
+) -> jax.Array:
     """Upper bound of a grouping: every group labelled with its majority ground-truth class.
 
     Pixels labelled `ignore_index` (or outside [0, num_classes)) do not vote. A group with no
@@ -330,8 +367,10 @@ def group_oracle_prediction(onehot_group_map: jax.Array, label: jax.Array, num_c
     votes = (label >= 0) & (label < num_classes) & (label != ignore_index)
     flat_index = group_of_pixel * num_classes + jnp.where(votes, label, 0)
     counts = jax.vmap(lambda i, w: jnp.bincount(i, w, length=num_groups * num_classes))(
-        flat_index, votes.astype(jnp.int32))
+        flat_index, votes.astype(jnp.int32)
+    )
     majority = jnp.argmax(counts.reshape(batch, num_groups, num_classes), axis=-1)  # [B, G]
     prediction = jnp.take_along_axis(majority, group_of_pixel, axis=1)
     return prediction.reshape(onehot_group_map.shape[:1] + onehot_group_map.shape[2:]).astype(
-        jnp.int32)
+        jnp.int32
+    )
