@@ -35,6 +35,6 @@ setuptools.setup(
     ],
     extras_require={
         # torch==2.13.0 is the CPU build available locally; the reference for numerical parity.
-        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "hypothesis", "ruff"],
+        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "hypothesis", "ruff==0.17.6"],
     },
 )

@@ -5,7 +5,7 @@ Variants (`configs/groupvit.py:VARIANT`): paper, demo (default), tiny.
   python -m mixreorg_jax.train --config configs/groupvit.py:demo --workdir /tmp/groupvit_demo
 """
 
-from mixreorg_jax import train_config
+from mixreorg_jax.training import config as train_config
 
 
 def get_config(arg=None):

@@ -7,7 +7,7 @@ Variants (`configs/mixreorg.py:VARIANT`): paper, demo (default), tiny.
       --config.data.datasets='[{"dir": "gs://BUCKET/tfds/cc12m", "split": "train", "weight": 1.0}]'
 """
 
-from mixreorg_jax import train_config
+from mixreorg_jax.training import config as train_config
 
 
 def get_config(arg=None):

@@ -7,64 +7,18 @@ logits = model.logit_scale * image_emb @ text_emb.T
 """
 
 import functools
-import json
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 
-from mixreorg_jax import checkpoint_io, convert
+from mixreorg_jax.data.tokenizer import get_tokenizer
 from mixreorg_jax.models import groupvit
-from mixreorg_jax.tokenizer import get_tokenizer
+from mixreorg_jax.training import checkpointing
 
 MAX_LOGIT_SCALE = 100.0
-
-
-def load_variables(path: str) -> tuple[dict, ml_collections.ConfigDict]:
-    """(variables {'params', 'batch_stats'}, model config) from any model location.
-
-    `path` may be a model checkpoint (`checkpoint_io.save_model`, `convert from-hf`), a training
-    workdir (its `export/` when training finished, else its latest checkpoint), or a Hugging Face
-    GroupViT folder (config.json + model.safetensors).
-    """
-    root = epath.Path(path).expanduser()
-    if not root.exists():
-        raise FileNotFoundError(f"no model at {root}")
-    if (root / "export").exists():
-        return checkpoint_io.load_model(str(root / "export"))
-    if (root / "checkpoints").exists():
-        return _variables_from_train_checkpoint(root)
-    if (root / "config.json").exists() and (root / "model.safetensors").exists():
-        tensors, hf_config = convert.read_hf_folder(str(root))
-        config = convert.hf_config_to_model_config(hf_config)
-        return convert.params_from_hf(tensors, config), config
-    return checkpoint_io.load_model(str(root))
-
-
-def _variables_from_train_checkpoint(workdir: epath.Path):
-    config_file = workdir / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{workdir} has checkpoints but no config.json")
-    config = checkpoint_io.config_from_json_dict(json.loads(config_file.read_text())["model"])
-    manager = ocp.CheckpointManager(
-        workdir / "checkpoints",
-        item_names=("state", "data"),
-        options=ocp.CheckpointManagerOptions(read_only=True),
-    )
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no finished checkpoint in {workdir / 'checkpoints'}")
-    # Read as host arrays, whatever devices wrote them; only the model's part is kept.
-    metadata = manager.item_metadata(step)["state"]
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    state = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=restore_args))
-    )["state"]
-    return {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}, config
 
 
 class Model:
@@ -116,4 +70,4 @@ class Model:
 
 def load(path: str) -> Model:
     """Loads a model checkpoint, a training workdir or a Hugging Face GroupViT folder."""
-    return Model(*load_variables(path))
+    return Model(*checkpointing.load_variables(path))

@@ -29,8 +29,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mixreorg_jax import objective, optim, sharding, train_step
 from mixreorg_jax.models import groupvit
+from mixreorg_jax.training import objective, optim, sharding
+from mixreorg_jax.training import step as train_step
 
 
 def define_flags():
@@ -171,11 +172,11 @@ def time_pytorch(config: ml_collections.ConfigDict, steps: int, warmup: int) -> 
     import torch
     import transformers
 
-    from mixreorg_jax import convert
+    from mixreorg_jax.formats import huggingface
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
-    hf_config = transformers.GroupViTConfig(**convert.model_config_to_hf_config(config.model))
+    hf_config = transformers.GroupViTConfig(**huggingface.model_config_to_hf_config(config.model))
     model = transformers.GroupViTModel(hf_config).train()
     opt = torch.optim.AdamW(
         model.parameters(),

@@ -11,7 +11,7 @@ pictures (`pictures/ID.png`: image, prediction, ground truth; `pictures/ID_group
 groups). `--config.max_images=N` evaluates the first N images only (a quick check, or a throughput
 measurement: results.json has `images_per_second` with and without compilation).
 
-The evaluation is the training loop's evaluator (`mixreorg_jax/evaluators/segmentation.py`),
+The evaluation is the training loop's evaluator (`mixreorg_jax/evaluation/segmentation.py`),
 built by the same factory. On several hosts, start the same command on each: every host takes
 its share of the images on its own devices, and the confusion matrices are summed.
 """
@@ -25,8 +25,9 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from mixreorg_jax import api, evaluators, sharding
+from mixreorg_jax import evaluation
 from mixreorg_jax.models import groupvit
+from mixreorg_jax.training import checkpointing, sharding
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS, argv: list[str] | None = None):
@@ -93,10 +94,10 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint: str, output_dir: str
         raise ValueError("--checkpoint is required")
     if not output_dir:
         raise ValueError("--output_dir is required")
-    variables, model_config = api.load_variables(checkpoint)
+    variables, model_config = checkpointing.load_variables(checkpoint)
     config.output_dir = output_dir
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
-    [(_, evaluator)] = evaluators.create(
+    [(_, evaluator)] = evaluation.create(
         ml_collections.ConfigDict({"segmentation": config}),
         model=groupvit.GroupViT(model_config),
         mesh=mesh,

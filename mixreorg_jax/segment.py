@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from mixreorg_jax import api, visualize
-from mixreorg_jax.evaluators import segmentation
+from mixreorg_jax.evaluation import segmentation, visualize
+from mixreorg_jax.training import checkpointing
 
 
 def segment(
@@ -49,7 +49,7 @@ def segment(
         class_names: what to look for (each put in every template and embedded as text).
         bg_thresh: None: every pixel gets a class; a number: pixels whose best class score is
             below it (or below the window's best group score) are background.
-        templates, short_side, ..., batch: the protocol (`evaluators.segmentation.default_config`).
+        templates, short_side, ..., batch: the protocol (`evaluation.segmentation.default_config`).
         mesh: devices to use (default: all local devices).
 
     Returns:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         with Image.open(args.image) as picture:
             image = np.asarray(picture.convert("RGB"), np.uint8)
         class_names = [c.strip() for c in args.classes.split(",") if c.strip()]
-        variables, model_config = api.load_variables(args.checkpoint)
+        variables, model_config = checkpointing.load_variables(args.checkpoint)
         labels = segment(
             variables,
             model_config,

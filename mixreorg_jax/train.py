@@ -19,17 +19,12 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from ml_collections import config_flags
 
-from mixreorg_jax import (
-    checkpoint_io,
-    checkpointing,
-    evaluators,
-    model_init,
-    optim,
-    sharding,
-    train_step,
-)
+from mixreorg_jax import evaluation
 from mixreorg_jax.data import pipeline
+from mixreorg_jax.formats import model_files
 from mixreorg_jax.models import groupvit
+from mixreorg_jax.training import checkpointing, model_init, optim, sharding
+from mixreorg_jax.training import step as train_step
 
 config_flags.DEFINE_config_file(
     "config", None, "Train config file (`path.py:variant`).", lock_config=True
@@ -95,12 +90,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # `config.model_init` (parameters only), else scratch.
     manager = checkpointing.make_manager(str(workdir), config.checkpoint)
     if manager.latest_step() is not None:
-        state, _ = checkpointing.restore(str(workdir / "checkpoints"), abstract_state, train_iter)
+        state, _ = checkpointing.restore(str(workdir), abstract_state, train_iter)
         logging.info("resumed from %s at step %d", workdir, int(state["step"]))
     elif config.resume:
-        state, _ = checkpointing.restore(
-            checkpointing.checkpoints_dir(config.resume), abstract_state, train_iter
-        )
+        state, _ = checkpointing.restore(config.resume, abstract_state, train_iter)
         logging.info("resumed from %s at step %d", config.resume, int(state["step"]))
     else:
         state = jax.jit(init, out_shardings=state_sharding)(base_rng)
@@ -110,7 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
     first_step = int(state["step"])
 
-    evals = evaluators.create(config.evals, model=model, mesh=mesh, config=config)
+    evals = evaluation.create(config.evals, model=model, mesh=mesh, config=config)
     report = periodic_actions.ReportProgress(
         num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
     )
@@ -164,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             check_finite(*pending, manager)
         manager.wait_until_finished()
         if int(state["step"]) == total_steps:
-            checkpoint_io.save_model(
+            model_files.save_model(
                 str(workdir / "export"),
                 {"params": state["params"]["model"], "batch_stats": state["batch_stats"]},
                 config.model,

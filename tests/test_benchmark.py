@@ -4,7 +4,8 @@ import pathlib
 
 import jax
 
-from mixreorg_jax import benchmark, train_config
+from mixreorg_jax import benchmark
+from mixreorg_jax.training import config as train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

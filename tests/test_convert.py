@@ -15,7 +15,8 @@ import pytest
 import torch
 import transformers
 
-from mixreorg_jax import checkpoint_io, convert
+from mixreorg_jax import convert
+from mixreorg_jax.formats import huggingface, model_files
 from mixreorg_jax.models import groupvit, presets
 
 EOT = 49407
@@ -199,7 +200,7 @@ def test_small_models_match_hf_through_the_cli(name, tmp_path):
     hf_model = _hf_model(hf_config, seed=1)
     hf_model.save_pretrained(tmp_path / "hf")
     convert.main(["from-hf", "--hf_dir", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt")])
-    variables, config = checkpoint_io.load_model(str(tmp_path / "ckpt"))
+    variables, config = model_files.load_model(str(tmp_path / "ckpt"))
     size = hf_config.vision_config.image_size
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
     _assert_matches_hf(
@@ -213,9 +214,9 @@ def test_small_models_match_hf_through_the_cli(name, tmp_path):
 
 def test_small_model_matches_hf_at_twice_the_resolution(tiny_hf):
     hf_model, folder = tiny_hf
-    tensors, hf_config = convert.read_hf_folder(folder)
-    config = convert.hf_config_to_model_config(hf_config)
-    variables = convert.params_from_hf(tensors, config)
+    tensors, hf_config = huggingface.read_hf_folder(folder)
+    config = huggingface.hf_config_to_model_config(hf_config)
+    variables = huggingface.params_from_hf(tensors, config)
     pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     _assert_image_matches_hf(hf_model, variables, config, pixels)
 
@@ -224,13 +225,13 @@ def test_groupvit_s_matches_hf_at_224_and_448(tmp_path):
     # HF's default GroupViTConfig is GroupViT-S.
     hf_model = _hf_model(transformers.GroupViTConfig(), seed=5)
     hf_model.save_pretrained(tmp_path)
-    tensors, hf_config = convert.read_hf_folder(str(tmp_path))
-    config = convert.hf_config_to_model_config(hf_config)
+    tensors, hf_config = huggingface.read_hf_folder(str(tmp_path))
+    config = huggingface.hf_config_to_model_config(hf_config)
     expected = presets.get_model_config("groupvit_s").to_dict()
     # HF rounds the initial logit scale to 2.6592 ~ log(1 / 0.07); it is only an initial value.
     assert abs(config.logit_scale_init - expected.pop("logit_scale_init")) < 1e-4
     assert {k: v for k, v in config.to_dict().items() if k != "logit_scale_init"} == expected
-    variables = convert.params_from_hf(tensors, config)
+    variables = huggingface.params_from_hf(tensors, config)
     del tensors
     gen = torch.Generator().manual_seed(6)
     _assert_matches_hf(
@@ -251,8 +252,8 @@ def test_round_trip_reproduces_every_tensor(tiny_hf, tmp_path):
     convert.main(
         ["to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")]
     )
-    original = checkpoint_io.read_safetensors(os.path.join(folder, "model.safetensors"))
-    exported = checkpoint_io.read_safetensors(str(tmp_path / "hf" / "model.safetensors"))
+    original = model_files.read_safetensors(os.path.join(folder, "model.safetensors"))
+    exported = model_files.read_safetensors(str(tmp_path / "hf" / "model.safetensors"))
     assert set(exported) == set(original)
     for name, tensor in original.items():
         assert exported[name].dtype == tensor.dtype, name
@@ -271,8 +272,8 @@ def test_sharded_hf_folder_reads_like_a_single_file(tiny_hf, tmp_path):
     hf_model, folder = tiny_hf
     hf_model.save_pretrained(tmp_path, max_shard_size="2MB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
-    sharded, _ = convert.read_hf_folder(str(tmp_path))
-    single, _ = convert.read_hf_folder(folder)
+    sharded, _ = huggingface.read_hf_folder(str(tmp_path))
+    single, _ = huggingface.read_hf_folder(folder)
     assert set(sharded) == set(single)
     assert all(np.array_equal(sharded[name], single[name]) for name in single)
 
@@ -280,33 +281,33 @@ def test_sharded_hf_folder_reads_like_a_single_file(tiny_hf, tmp_path):
 @pytest.mark.parametrize("preset", ["tiny", "demo", "groupvit_s"])
 def test_config_mapping_round_trips(preset):
     config = presets.get_model_config(preset)
-    back = convert.hf_config_to_model_config(
-        convert.model_config_to_hf_config(config), drop_path_rate=config.drop_path_rate
+    back = huggingface.hf_config_to_model_config(
+        huggingface.model_config_to_hf_config(config), drop_path_rate=config.drop_path_rate
     )
     assert back.to_dict() == config.to_dict()
     # transformers accepts what we write.
-    hf_config = transformers.GroupViTConfig(**convert.model_config_to_hf_config(config))
+    hf_config = transformers.GroupViTConfig(**huggingface.model_config_to_hf_config(config))
     assert hf_config.vision_config.num_output_groups == list(config.num_output_groups)
 
 
 def test_mismatched_shapes_missing_and_unexpected_tensors_are_named(tiny_hf):
     _, folder = tiny_hf
-    tensors, hf_config = convert.read_hf_folder(folder)
-    wider = convert.hf_config_to_model_config(hf_config)
+    tensors, hf_config = huggingface.read_hf_folder(folder)
+    wider = huggingface.hf_config_to_model_config(hf_config)
     wider.width = 48
     with pytest.raises(ValueError) as error:
-        convert.params_from_hf(tensors, wider)
+        huggingface.params_from_hf(tensors, wider)
     assert (
         "shape mismatch vision_model.embeddings.position_embeddings: expected (1, 64, 48), "
         "got (1, 64, 32)" in str(error.value)
     )
 
-    config = convert.hf_config_to_model_config(hf_config)
+    config = huggingface.hf_config_to_model_config(hf_config)
     tensors = dict(tensors)
     del tensors["visual_projection.1.running_mean"]
     tensors["vision_model.encoder.stages.0.extra"] = np.zeros(3, np.float32)
     with pytest.raises(ValueError) as error:
-        convert.params_from_hf(tensors, config)
+        huggingface.params_from_hf(tensors, config)
     assert "missing visual_projection.1.running_mean (expected shape (64,))" in str(error.value)
     assert "unexpected vision_model.encoder.stages.0.extra (shape (3,))" in str(error.value)
 
@@ -330,7 +331,7 @@ def test_hf_folder_whose_config_disagrees_with_its_weights(tiny_hf, tmp_path):
 
 def test_checkpoint_loaded_into_another_model_shape(tiny_hf, tmp_path):
     _, folder = tiny_hf
-    config = convert.from_hf(folder, str(tmp_path / "ckpt"))
+    config = huggingface.from_hf(folder, str(tmp_path / "ckpt"))
     other = config.copy_and_resolve_references()
     other.num_group_tokens = (6, 4, 0)
     other.num_output_groups = (6, 4, 4)
@@ -339,16 +340,16 @@ def test_checkpoint_loaded_into_another_model_shape(tiny_hf, tmp_path):
         match=r"shape mismatch params/vision/stages_0/group_tokens: "
         r"expected \(1, 6, 32\), got \(1, 8, 32\)",
     ):
-        checkpoint_io.load_model(str(tmp_path / "ckpt"), other)
+        model_files.load_model(str(tmp_path / "ckpt"), other)
     with pytest.raises(FileExistsError, match="already exists"):
-        convert.from_hf(folder, str(tmp_path / "ckpt"))
+        huggingface.from_hf(folder, str(tmp_path / "ckpt"))
 
 
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="No config.json in"):
         convert.main(["from-hf", "--hf_dir", str(tmp_path), "--output", str(tmp_path / "out")])
     (tmp_path / "config.json").write_text(
-        json.dumps(convert.model_config_to_hf_config(presets.get_model_config("tiny")))
+        json.dumps(huggingface.model_config_to_hf_config(presets.get_model_config("tiny")))
     )
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(
@@ -360,16 +361,16 @@ def test_missing_files_are_named(tmp_path):
             ["to-hf", "--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]
         )
     with pytest.raises(FileNotFoundError, match="model_config/metadata is missing"):
-        checkpoint_io.load_model(str(tmp_path))
+        model_files.load_model(str(tmp_path))
 
 
 def test_unsupported_hf_configs_are_refused():
-    hf_config = convert.model_config_to_hf_config(presets.get_model_config("tiny"))
+    hf_config = huggingface.model_config_to_hf_config(presets.get_model_config("tiny"))
     hf_config["vision_config"]["hidden_act"] = "relu"
     with pytest.raises(ValueError, match="GELU"):
-        convert.hf_config_to_model_config(hf_config)
+        huggingface.hf_config_to_model_config(hf_config)
     with pytest.raises(ValueError, match="Not a GroupViT config"):
-        convert.hf_config_to_model_config({"model_type": "clip"})
+        huggingface.hf_config_to_model_config({"model_type": "clip"})
 
 
 def test_cli_help(capsys):

@@ -1,7 +1,7 @@
 """The segmentation evaluator and the eval binary, end to end on a tiny VOC-layout fixture.
 
 The checkpoint is a random `transformers.GroupViTModel` of a tiny config, saved with
-save_pretrained and converted with `convert.from_hf`; windows are 32 px, the model's input size.
+save_pretrained and converted with `huggingface.from_hf`; windows are 32 px, the model's input size.
 """
 
 import importlib.util
@@ -20,11 +20,13 @@ import transformers
 from absl import flags
 from PIL import Image
 
-from mixreorg_jax import api, convert, evaluate, evaluators, sharding
+from mixreorg_jax import evaluate, evaluation
 from mixreorg_jax.data import segmentation_sets
-from mixreorg_jax.evaluators import segmentation
+from mixreorg_jax.evaluation import segmentation
+from mixreorg_jax.formats import huggingface
 from mixreorg_jax.models import groupvit
 from mixreorg_jax.ops import miou as miou_ops
+from mixreorg_jax.training import checkpointing, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs", "eval")
@@ -76,7 +78,7 @@ def write_hf_checkpoint(directory: str, seed: int = 0) -> str:
     hf_dir = os.path.join(directory, "hf")
     model.save_pretrained(hf_dir)
     checkpoint = os.path.join(directory, "converted")
-    convert.from_hf(hf_dir, checkpoint)
+    huggingface.from_hf(hf_dir, checkpoint)
     return checkpoint
 
 
@@ -237,7 +239,7 @@ def test_eight_devices_equal_one_device(checkpoint, voc, voc_results):
     root, _ = voc
     _, results = voc_results
     assert results["protocol"]["local_devices"] == 8
-    variables, model_config = api.load_variables(checkpoint)
+    variables, model_config = checkpointing.load_variables(checkpoint)
     one_device = _one_device_mesh()
     # Also the 'auto' threshold's plumbing: swept on 'train' (the same images here), which
     # leaves one candidate, the fixed run's 0.95.
@@ -299,7 +301,7 @@ def test_perfect_prediction_gives_miou_exactly_one(checkpoint, monkeypatch, tmp_
     labels = write_voc_fixture(str(tmp_path), [IMAGE_SIZES[0]] * 2, seed=3, splits=("val", "train"))
     monkeypatch.setattr(segmentation, "encode_crops", lambda *args, **kwargs: None)
     monkeypatch.setattr(segmentation, "crop_outputs", _perfect_crop_outputs)
-    variables, model_config = api.load_variables(checkpoint)
+    variables, model_config = checkpointing.load_variables(checkpoint)
     # As the training loop calls it: its mesh set, the state on it.
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
     state = jax.device_put(
@@ -323,7 +325,7 @@ def test_perfect_prediction_gives_miou_exactly_one(checkpoint, monkeypatch, tmp_
         }
     )
     built = dict(
-        evaluators.create(evals, model=groupvit.GroupViT(model_config), mesh=mesh, config=None)
+        evaluation.create(evals, model=groupvit.GroupViT(model_config), mesh=mesh, config=None)
     )
     assert built["fixed"].due(10, 10) and not built["fixed"].due(5, 10)
     with jax.set_mesh(mesh):
@@ -353,7 +355,7 @@ def test_bad_input_is_a_one_line_error(checkpoint, voc, tmp_path, cli_with_bad_i
         text = str(exit_info.value.code)
         assert text.startswith("error: ") and message in text and "\n" not in text
 
-    model = groupvit.GroupViT(api.load_variables(checkpoint)[1])
+    model = groupvit.GroupViT(checkpointing.load_variables(checkpoint)[1])
     for overrides, message in (
         (dict(bg_thresh=None), "has a background class"),
         (dict(window=0, stride=-1), "stride must be positive"),

@@ -141,10 +141,10 @@ def test_probe_trains_each_readout_and_reports_held_out_accuracy():
 
 
 def test_probe_exports_a_model_that_model_init_loads(tmp_path):
-    from mixreorg_jax import api
     from mixreorg_jax.data import synthetic as world_lib
     from mixreorg_jax.experiments import probe
     from mixreorg_jax.models import groupvit, presets
+    from mixreorg_jax.training import checkpointing
 
     config = presets.get_model_config("tiny")
     world = world_lib.WorldConfig(image_size=32, class_texture_prob=1.0)
@@ -161,7 +161,7 @@ def test_probe_exports_a_model_that_model_init_loads(tmp_path):
         export=str(tmp_path / "backbone"),
         jit=functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0}),
     )
-    variables, saved_config = api.load_variables(str(tmp_path / "backbone"))
+    variables, saved_config = checkpointing.load_variables(str(tmp_path / "backbone"))
     assert saved_config.to_dict() == config.to_dict()
     fresh = groupvit.init_variables(config, jax.random.key(3))
     vision, fresh_vision = variables["params"]["vision"], fresh["params"]["vision"]
@@ -198,9 +198,9 @@ def test_steady_speed_leaves_out_the_first_interval_with_compilation():
 
 def test_diagnose_reads_patch_labels_and_reports_every_level(tmp_path):
     import mixreorg_jax
-    from mixreorg_jax import checkpoint_io
     from mixreorg_jax.data import synthetic as world_lib
     from mixreorg_jax.experiments import diagnose
+    from mixreorg_jax.formats import model_files
     from mixreorg_jax.models import groupvit, presets
 
     world = world_lib.WorldConfig(image_size=32)
@@ -212,7 +212,7 @@ def test_diagnose_reads_patch_labels_and_reports_every_level(tmp_path):
     assert present[1] == set(np.unique(mask)) - {0}
 
     config = presets.get_model_config("tiny")
-    checkpoint_io.save_model(
+    model_files.save_model(
         str(tmp_path / "model"), groupvit.init_variables(config, jax.random.key(0)), config
     )
     model = mixreorg_jax.load(str(tmp_path / "model"))
@@ -236,10 +236,11 @@ def test_diagnose_reads_patch_labels_and_reports_every_level(tmp_path):
 
 def test_diagnose_mixing_scores_the_mixed_segments_by_source(tmp_path):
     import mixreorg_jax
-    from mixreorg_jax import checkpoint_io, train_config
     from mixreorg_jax.data import synthetic as world_lib
     from mixreorg_jax.experiments import diagnose
+    from mixreorg_jax.formats import model_files
     from mixreorg_jax.models import groupvit, presets
+    from mixreorg_jax.training import config as train_config
 
     # Segment 0 holds one patch of each source, segment 1 two of source 0; image 2: one segment.
     owner = np.array([[0, 0, 1, 1], [5, 5, 5, 5]])
@@ -247,7 +248,7 @@ def test_diagnose_mixing_scores_the_mixed_segments_by_source(tmp_path):
     assert diagnose.majority_share(owner, source) == [0.5, 1.0, 0.75]
 
     config = presets.get_model_config("tiny")
-    checkpoint_io.save_model(
+    model_files.save_model(
         str(tmp_path / "model"), groupvit.init_variables(config, jax.random.key(0)), config
     )
     model = mixreorg_jax.load(str(tmp_path / "model"))

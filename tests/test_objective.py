@@ -8,9 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from mixreorg_jax import benchmark, objective, train_config, train_step
+from mixreorg_jax import benchmark
 from mixreorg_jax.models import groupvit, mixreorg
 from mixreorg_jax.ops import mixing
+from mixreorg_jax.training import config as train_config
+from mixreorg_jax.training import objective
+from mixreorg_jax.training import step as train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 fast_jit = functools.partial(

@@ -6,7 +6,9 @@ import pytest
 from PIL import Image
 
 import mixreorg_jax
-from mixreorg_jax import checkpoint_io, segment, visualize
+from mixreorg_jax import segment
+from mixreorg_jax.evaluation import visualize
+from mixreorg_jax.formats import model_files
 from mixreorg_jax.models import presets
 
 # The tiny model's own input size: 32 px windows at stride 16, short side 32.
@@ -30,10 +32,10 @@ def checkpoint(tmp_path_factory):
         return (rng.standard_normal(leaf.shape) * 0.3).astype(leaf.dtype)
 
     variables = jax.tree_util.tree_map_with_path(
-        random_leaf, checkpoint_io.abstract_variables(config)
+        random_leaf, model_files.abstract_variables(config)
     )
     path = str(tmp_path_factory.mktemp("model") / "tiny")
-    checkpoint_io.save_model(path, variables, config)
+    model_files.save_model(path, variables, config)
     return path
 
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixreorg_jax import tokenizer as tokenizer_lib
+from mixreorg_jax.data import tokenizer as tokenizer_lib
 
 SOT, EOT = 49406, 49407
 

@@ -32,9 +32,13 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from mixreorg_jax import checkpoint_io, model_init, optim, sharding, train, train_config, train_step
+from mixreorg_jax import train
 from mixreorg_jax.data import pipeline
+from mixreorg_jax.formats import model_files
 from mixreorg_jax.models import groupvit
+from mixreorg_jax.training import config as train_config
+from mixreorg_jax.training import model_init, optim, sharding
+from mixreorg_jax.training import step as train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 12
@@ -328,7 +332,7 @@ def test_groupvit_trains(tmp_path, synthetic_dir, compiled_init):
     assert not {"restore", "mixseg"} & set(last)  # GroupViT has no mixing losses
     assert_loss_went_down(metrics)
     # The exported model loads as the one trained.
-    variables, model_config = checkpoint_io.load_model(str(tmp_path / "export"))
+    variables, model_config = model_files.load_model(str(tmp_path / "export"))
     final = read_state(tmp_path, TOTAL_STEPS)
     assert_trees_equal(variables["params"], final["params"]["model"])
     assert model_config.width == tiny_config("groupvit", "").model.width
@@ -661,7 +665,7 @@ def _save_hf_vit(folder, model_config, *, width=None, deit=False):
         "deit" if deit else "vit"
     )
     # The tensors as saved (the Hub's names, e.g. encoder.layer.0.attention.attention.query).
-    return checkpoint_io.read_safetensors(str(folder / "model.safetensors"))
+    return model_files.read_safetensors(str(folder / "model.safetensors"))
 
 
 @pytest.mark.parametrize("deit", [False, True], ids=["vit", "deit_with_distillation_token"])
@@ -740,19 +744,19 @@ def test_model_init_from_hf_vit_copies_patch_embedding_positions_and_blocks(
 
 def test_model_init_load_takes_only_the_matching_tensors(tmp_path, initial_state):
     config, state, shardings = initial_state
-    before = checkpoint_io.flatten_tree(
+    before = model_files.flatten_tree(
         jax.device_get({"params": state["params"]["model"], "batch_stats": state["batch_stats"]})
     )
     rng = np.random.default_rng(0)
     source = {k: rng.normal(size=np.shape(v)).astype(np.float32) for k, v in before.items()}
-    checkpoint_io.save_model(
-        str(tmp_path / "source"), checkpoint_io.unflatten_tree(source), config.model
+    model_files.save_model(
+        str(tmp_path / "source"), model_files.unflatten_tree(source), config.model
     )
 
     after_state = model_init.initialize(
         state, str(tmp_path / "source"), config.model, shardings, load=model_init.BACKBONE
     )
-    after = checkpoint_io.flatten_tree(
+    after = model_files.flatten_tree(
         jax.device_get(
             {"params": after_state["params"]["model"], "batch_stats": after_state["batch_stats"]}
         )
@@ -872,9 +876,9 @@ def test_model_init_from_a_checkpoint_of_another_model_shape_is_a_clear_error(
     config = tiny_config("mixreorg", synthetic_dir)
     other = _other_shape(config).model
     variables = jax.tree.map(
-        lambda x: np.zeros(x.shape, x.dtype), checkpoint_io.abstract_variables(other)
+        lambda x: np.zeros(x.shape, x.dtype), model_files.abstract_variables(other)
     )
-    checkpoint_io.save_model(str(tmp_path / "other"), variables, other)
+    model_files.save_model(str(tmp_path / "other"), variables, other)
 
     config.model_init = str(tmp_path / "other")
     with pytest.raises(ValueError) as error:

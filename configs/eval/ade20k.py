@@ -6,7 +6,7 @@ r"""Zero-shot ADE20K (SceneParsing) validation: 150 classes, no background (meth
 data_dir: the folder holding ADEChallengeData2016.
 """
 
-from mixreorg_jax.evaluators import segmentation
+from mixreorg_jax.evaluation import segmentation
 
 
 def get_config(arg=None):

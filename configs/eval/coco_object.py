@@ -7,7 +7,7 @@ data_dir: the folder holding coco/{images,annotations}/val2017 (masks from Group
 convert_dataset/convert_coco_object.py).
 """
 
-from mixreorg_jax.evaluators import segmentation
+from mixreorg_jax.evaluation import segmentation
 
 
 def get_config(arg=None):

@@ -9,8 +9,8 @@ the released evaluation) and 59 (no background; background pixels ignored).
 data_dir: the folder holding VOCdevkit/VOC2010 with mmseg's converted SegmentationClassContext.
 """
 
-from mixreorg_jax import train_config
-from mixreorg_jax.evaluators import segmentation
+from mixreorg_jax.evaluation import segmentation
+from mixreorg_jax.training import config as train_config
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ model (window = its image_size: one window per image of the same size). bg_thres
 `bg_sweep` on `bg_thresh_split` ('val') and reports the chosen value; never set it to 'test'.
 """
 
-from mixreorg_jax.evaluators import segmentation
+from mixreorg_jax.evaluation import segmentation
 
 
 def get_config(arg=None):

@@ -4,11 +4,11 @@ r"""Zero-shot PASCAL VOC 2012 val: 20 classes + background, bg_thresh 0.95 (meth
       --config.data_dir=~/data --checkpoint=CKPT --output_dir=/tmp/eval_voc
 
 data_dir: the folder holding VOCdevkit/VOC2012 (or that folder itself). Every field of
-`mixreorg_jax.evaluators.segmentation.default_config` can be overridden, e.g.
+`mixreorg_jax.evaluation.segmentation.default_config` can be overridden, e.g.
 `--config.max_images=50 --config.save_predictions=10 --config.templates="('imagenet80',)"`.
 """
 
-from mixreorg_jax.evaluators import segmentation
+from mixreorg_jax.evaluation import segmentation
 
 
 def get_config(arg=None):

@@ -208,7 +208,7 @@ class PreprocessExample(grain.transforms.RandomMap):
 
 @functools.cache
 def _default_tokenizer(context_length: int):
-    from mixreorg_jax.tokenizer import get_tokenizer  # pylint: disable=g-import-not-at-top
+    from mixreorg_jax.data.tokenizer import get_tokenizer  # pylint: disable=g-import-not-at-top
 
     return get_tokenizer(context_length)
 
@@ -356,7 +356,7 @@ def make_train_iterator(
 ) -> TrainIterator:
     """This process's endless batch iterator (jax.process_index/count unless given).
 
-    `tokenizer`: texts -> int32 [N, context_length]; default `mixreorg_jax.tokenizer`'s.
+    `tokenizer`: texts -> int32 [N, context_length]; default `mixreorg_jax.data.tokenizer`'s.
     """
     ds, sizes = make_train_dataset(
         data_config, process_index=process_index, process_count=process_count, tokenizer=tokenizer

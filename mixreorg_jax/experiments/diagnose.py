@@ -49,10 +49,10 @@ from absl import app, flags
 from etils import epath
 
 import mixreorg_jax
-from mixreorg_jax import train_config
 from mixreorg_jax.data import synthetic
 from mixreorg_jax.models import mixreorg
 from mixreorg_jax.ops import mixing, segmentation
+from mixreorg_jax.training import config as train_config
 
 
 def define_flags():

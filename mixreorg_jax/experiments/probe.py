@@ -40,8 +40,8 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from mixreorg_jax import checkpoint_io
 from mixreorg_jax.data import synthetic
+from mixreorg_jax.formats import model_files
 from mixreorg_jax.models import groupvit, presets
 
 flags.DEFINE_enum(
@@ -63,7 +63,7 @@ flags.DEFINE_integer("seed", 0, "Initialisation seed.")
 flags.DEFINE_string(
     "export",
     None,
-    "Write the trained model here (`checkpoint_io.save_model`), "
+    "Write the trained model here (`model_files.save_model`), "
     "e.g. a backbone for `--config.model_init` (see the module doc).",
 )
 
@@ -165,7 +165,7 @@ def run(
             )
             print(json.dumps(dict(readout=readout, head=head, **records[-1])), flush=True)
     if export:
-        checkpoint_io.save_model(export, dict(variables, params=params["model"]), model_config)
+        model_files.save_model(export, dict(variables, params=params["model"]), model_config)
     return records
 
 

@@ -21,7 +21,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from mixreorg_jax import train_config
+from mixreorg_jax.training import config as train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -93,7 +93,7 @@ def run_config(name: str, seed: int, extra: dict, synthetic_dir: str):
 
 def eval_config(train_config):
     from mixreorg_jax.data import pipeline
-    from mixreorg_jax.evaluators import segmentation
+    from mixreorg_jax.evaluation import segmentation
 
     config = segmentation.default_config("synthetic")
     config.data_dir = str(pipeline.prepare_synthetic_world(train_config.data))

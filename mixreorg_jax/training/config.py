@@ -9,9 +9,9 @@ import runpy
 
 import ml_collections
 
-from mixreorg_jax import model_init
 from mixreorg_jax.data import pipeline, synthetic
 from mixreorg_jax.models import presets
+from mixreorg_jax.training import model_init
 
 
 def from_file(spec: str) -> ml_collections.ConfigDict:

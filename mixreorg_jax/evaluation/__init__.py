@@ -12,8 +12,8 @@ import ml_collections
 
 # type -> module; imported only when a config names it.
 KNOWN = {
-    "retrieval": "mixreorg_jax.evaluators.retrieval",
-    "segmentation": "mixreorg_jax.evaluators.segmentation",
+    "retrieval": "mixreorg_jax.evaluation.retrieval",
+    "segmentation": "mixreorg_jax.evaluation.segmentation",
 }
 
 

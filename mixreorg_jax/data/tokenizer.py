@@ -34,7 +34,7 @@ import numpy as np
 import regex
 import transformers
 
-DEFAULT_BPE_PATH = pathlib.Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+DEFAULT_BPE_PATH = pathlib.Path(__file__).parents[1] / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 
 # OpenAI's SimpleTokenizer keeps the first 49152 - 256 - 2 merges of the file (after its
 # "#version" header line), so that 256 bytes + 256 `</w>` bytes + merges + 2 specials = 49408.

@@ -5,6 +5,7 @@ sharded arrays) and `data/` (each process's grain iterator state). Saves are asy
 SIGTERM (preemption) makes every process save at the same next step and stop cleanly.
 """
 
+import json
 import signal
 import threading
 
@@ -15,6 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+from mixreorg_jax.formats import huggingface, model_files
 
 
 def make_manager(workdir: str, ckpt: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -44,12 +47,20 @@ def save(
     return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def restore(directory: str, abstract_state, data_iterator=None, step: int | None = None):
-    """Restores the state (into `abstract_state`'s shardings) and, if given, the iterator.
+def restore(directory: str, abstract_state=None, data_iterator=None, step: int | None = None):
+    """Reads a train state: the one reader of `checkpoints/` folders.
 
-    `directory` is a workdir's `checkpoints/` folder (the latest step, or `step`). Returns
-    (state, step).
+    Args:
+      directory: a workdir's `checkpoints/` folder (or the workdir).
+      abstract_state: ShapeDtypeStructs with shardings to restore into; None reads the state as
+        host numpy arrays, whatever devices wrote it (for inference and `model_init`).
+      data_iterator: a grain iterator whose position is restored too.
+      step: the step to read; default the latest.
+
+    Returns:
+      (state, step).
     """
+    directory = checkpoints_dir(directory)
     manager = ocp.CheckpointManager(
         epath.Path(directory),
         item_names=("state", "data"),
@@ -57,8 +68,13 @@ def restore(directory: str, abstract_state, data_iterator=None, step: int | None
     )
     step = manager.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+        raise FileNotFoundError(f"no finished checkpoint in {directory}")
+    if abstract_state is None:
+        metadata = manager.item_metadata(step)["state"]
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+        items = {"state": ocp.args.PyTreeRestore(restore_args=restore_args)}
+    else:
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
@@ -70,6 +86,32 @@ def restore(directory: str, abstract_state, data_iterator=None, step: int | None
         ) from None
     manager.close()
     return restored["state"], step
+
+
+def load_variables(path: str) -> tuple[dict, ml_collections.ConfigDict]:
+    """(variables {'params', 'batch_stats'} as host arrays, model config) from any model location.
+
+    `path` may be a model checkpoint (`model_files.save_model`, `convert from-hf`), a training
+    workdir (its `export/` when training finished, else its latest checkpoint), or a Hugging Face
+    GroupViT folder (config.json + model.safetensors).
+    """
+    root = epath.Path(path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"no model at {root}")
+    if (root / "export").exists():
+        return model_files.load_model(str(root / "export"))
+    if (root / "checkpoints").exists():
+        config_file = root / "config.json"
+        if not config_file.exists():
+            raise FileNotFoundError(f"{root} has checkpoints but no config.json")
+        config = model_files.config_from_json_dict(json.loads(config_file.read_text())["model"])
+        state, _ = restore(str(root / "checkpoints"))
+        return {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}, config
+    if (root / "config.json").exists() and (root / "model.safetensors").exists():
+        tensors, hf_config = huggingface.read_hf_folder(str(root))
+        config = huggingface.hf_config_to_model_config(hf_config)
+        return huggingface.params_from_hf(tensors, config), config
+    return model_files.load_model(str(root))
 
 
 class PreemptionWatch:

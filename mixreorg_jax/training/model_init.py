@@ -19,8 +19,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from mixreorg_jax import api, checkpoint_io, convert
+from mixreorg_jax.formats import huggingface, model_files
 from mixreorg_jax.ops import resize
+from mixreorg_jax.training import checkpointing
 
 # Hugging Face ViT/DeiT block names -> GroupViT's (both PyTorch Linear/LayerNorm layouts).
 _VIT_BLOCK = {
@@ -100,8 +101,8 @@ def _vit_as_groupvit_tensors(
 def _from_vit(
     shapes: dict, folder: epath.Path, vit_config: dict, config: ml_collections.ConfigDict
 ) -> dict:
-    tensors = checkpoint_io.read_safetensors(str(folder / "model.safetensors"))
-    names = convert.hf_name_map(config)
+    tensors = model_files.read_safetensors(str(folder / "model.safetensors"))
+    names = huggingface.hf_name_map(config)
     loaded = {}
     for hf_name, value in _vit_as_groupvit_tensors(tensors, vit_config, config).items():
         path, (from_hf, _) = names[hf_name]
@@ -137,8 +138,8 @@ def load_initial_variables(
         hf_config = json.loads(hf_config_file.read_text())
         if hf_config.get("model_type") in _VIT_TYPES:
             return _from_vit(shapes, folder, hf_config, config)
-    loaded = checkpoint_io.flatten_tree(api.load_variables(source)[0])
-    checkpoint_io.check_shapes(
+    loaded = model_files.flatten_tree(checkpointing.load_variables(source)[0])
+    model_files.check_shapes(
         {k: np.shape(v) for k, v in loaded.items()}, shapes, f"model_init {source}"
     )
     logging.info("model_init: all %d tensors from %s", len(loaded), source)
@@ -161,8 +162,8 @@ def initialize(
     def model_part(tree):
         return {"params": tree["params"]["model"], "batch_stats": tree["batch_stats"]}
 
-    current = checkpoint_io.flatten_tree(model_part(state))
-    shardings = checkpoint_io.flatten_tree(model_part(state_sharding))
+    current = model_files.flatten_tree(model_part(state))
+    shardings = model_files.flatten_tree(model_part(state_sharding))
     loaded = load_initial_variables(source, {k: v.shape for k, v in current.items()}, config)
     loaded = {k: v for k, v in loaded.items() if re.fullmatch(load, k)}
     if not loaded:
@@ -177,7 +178,7 @@ def initialize(
     current.update(
         {k: jax.device_put(v.astype(current[k].dtype), shardings[k]) for k, v in loaded.items()}
     )
-    new = checkpoint_io.unflatten_tree(current)
+    new = model_files.unflatten_tree(current)
     return dict(
         state, params=dict(state["params"], model=new["params"]), batch_stats=new["batch_stats"]
     )

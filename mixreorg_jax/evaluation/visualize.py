@@ -155,7 +155,7 @@ def save_comparison(
 def save_grouping(path: str, image: np.ndarray, groups: np.ndarray) -> None:
     """PNG of the image, its final groups (each group id its own colour) and the two blended.
 
-    groups: int[H, W] group ids (see `evaluators.segmentation.paste_window_groups`).
+    groups: int[H, W] group ids (see `evaluation.segmentation.paste_window_groups`).
     """
     ids, dense = np.unique(groups, return_inverse=True)
     coloured = group_colours(len(ids))[dense.reshape(groups.shape)]

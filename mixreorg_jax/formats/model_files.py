@@ -144,7 +144,7 @@ def read_model_config(path: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(config_file):
         raise FileNotFoundError(
             f"{path} is not a model checkpoint: {config_file} is missing "
-            "(written by mixreorg_jax.checkpoint_io.save_model)"
+            "(written by mixreorg_jax.formats.model_files.save_model)"
         )
     with open(config_file) as f:
         return config_from_json_dict(json.load(f))

@@ -44,12 +44,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
-from mixreorg_jax import evaluators, sharding, visualize
+from mixreorg_jax import evaluation
 from mixreorg_jax.data import pipeline, prompts, segmentation_sets
+from mixreorg_jax.data.tokenizer import get_tokenizer
+from mixreorg_jax.evaluation import visualize
 from mixreorg_jax.models import groupvit
 from mixreorg_jax.ops import miou as miou_ops
 from mixreorg_jax.ops import segmentation as seg_ops
-from mixreorg_jax.tokenizer import get_tokenizer
+from mixreorg_jax.training import sharding
 
 # The segmentation template of the released evaluation; `templates=('imagenet80',)` averages the
 # 80 ImageNet templates instead.
@@ -654,7 +656,7 @@ class Evaluator:
         process's part of it); config: the train config (for `data.synthetic_dir`), if any."""
         self.settings = self._resolve(eval_config, model.config, config)
         s = self.settings
-        self.schedule = evaluators.Schedule(s.every_steps)
+        self.schedule = evaluation.Schedule(s.every_steps)
         self.bg_thresh = parse_bg_thresh(s.bg_thresh)
         self.templates = expand_templates(s.templates)
         self.dataset = segmentation_sets.get_segmentation_dataset(s.dataset, s.data_dir, s.split)

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mixreorg_jax import objective, sharding
 from mixreorg_jax.ops import mixing
+from mixreorg_jax.training import objective, sharding
 
 
 def make_init_fn(model, config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
