@@ -35,10 +35,10 @@ run python -m mixreorg_jax.train --config configs/mixreorg.py:demo --workdir "$w
 # The world the demo trained on (prepared by then; this only finds its directory).
 world_dir="$data_dir"
 if (( ! dry_run )); then
-  world_dir=$(python -c "from mixreorg_jax import train_config; from mixreorg_jax.data import pipeline
+  world_dir=$(python -c "from mixreorg_jax import train_config; from mixreorg_jax.data import synthetic_tfds
 c = train_config.from_file('configs/mixreorg.py:demo')
 c.data.synthetic_dir = '$data_dir'
-print(pipeline.prepare_synthetic_world(c.data))" | tail -1)
+print(synthetic_tfds.prepare_synthetic_world(c.data))" | tail -1)
 fi
 run python -m mixreorg_jax.evaluate --config configs/eval/synthetic.py \
   --config.data_dir="$world_dir" --checkpoint="$workdir" --output_dir="$workdir/eval" \

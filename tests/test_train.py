@@ -33,7 +33,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from mixreorg_jax import train
-from mixreorg_jax.data import pipeline
+from mixreorg_jax.data import pipeline, synthetic_tfds
 from mixreorg_jax.formats import model_files
 from mixreorg_jax.models import groupvit
 from mixreorg_jax.training import config as train_config
@@ -134,7 +134,7 @@ def synthetic_dir(shared_root) -> pathlib.Path:
     """The tiny synthetic world, prepared once for all workers (what `tiny` configs train on)."""
     path = shared_root / "synthetic"
     with exclusive(shared_root / "synthetic.lock"):
-        pipeline.prepare_synthetic_world(tiny_config("mixreorg", path).data)
+        synthetic_tfds.prepare_synthetic_world(tiny_config("mixreorg", path).data)
     return path
 
 

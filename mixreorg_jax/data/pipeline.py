@@ -100,28 +100,6 @@ def _version_dir(path: epath.Path) -> str:
     return str(versions[-1])
 
 
-def prepare_synthetic_world(data_config) -> str:
-    """The built-in world's dataset directory, prepared on first use (process 0 first).
-
-    Uses `data_config.synthetic_dir` and the world overrides in `data_config.synthetic_world`.
-    """
-    from jax.experimental import multihost_utils
-
-    from mixreorg_jax.data import synthetic_tfds
-
-    data_dir = os.path.expanduser(str(data_config.get("synthetic_dir", "")))
-    if not data_dir:
-        raise ValueError("a {'synthetic': True} dataset needs config.data.synthetic_dir")
-    world = dict(data_config.get("synthetic_world", None) or {})
-    if jax.process_index() == 0:
-        path = synthetic_tfds.prepare_synthetic(data_dir, **world)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("synthetic world prepared")
-        if jax.process_index() > 0:  # Now only finds what process 0 wrote.
-            path = synthetic_tfds.prepare_synthetic(data_dir, **world)
-    return path
-
-
 def resolve_datasets(data_config) -> list[DatasetSpec]:
     """The config's `datasets` entries as version directories; a missing one is an error."""
     entries = _option(data_config, "datasets")
@@ -131,7 +109,9 @@ def resolve_datasets(data_config) -> list[DatasetSpec]:
     for entry in entries:
         entry = entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
         if entry.get("synthetic"):
-            path = epath.Path(prepare_synthetic_world(data_config))
+            from mixreorg_jax.data import synthetic_tfds  # Deferred: registers a TFDS builder.
+
+            path = epath.Path(synthetic_tfds.prepare_synthetic_world(data_config))
         elif entry.get("dir"):
             path = epath.Path(os.path.expanduser(str(entry["dir"])))
         elif entry.get("name") and entry.get("data_dir"):

@@ -28,8 +28,10 @@ import struct
 import time
 import zlib
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
 from mixreorg_jax.data import synthetic
 
@@ -210,6 +212,24 @@ def prepare_synthetic(data_dir: str, num_workers: int | None = None, **overrides
         )
     )
     return os.fspath(builder.data_dir)
+
+
+def prepare_synthetic_world(data_config) -> str:
+    """The built-in world's dataset directory, prepared on first use (process 0 first).
+
+    Uses `data_config.synthetic_dir` and the world overrides in `data_config.synthetic_world`.
+    """
+    data_dir = os.path.expanduser(str(data_config.get("synthetic_dir", "")))
+    if not data_dir:
+        raise ValueError("a {'synthetic': True} dataset needs config.data.synthetic_dir")
+    world = dict(data_config.get("synthetic_world", None) or {})
+    if jax.process_index() == 0:
+        path = prepare_synthetic(data_dir, **world)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("synthetic world prepared")
+        if jax.process_index() > 0:  # Now only finds what process 0 wrote.
+            path = prepare_synthetic(data_dir, **world)
+    return path
 
 
 def _dataset_dir(data_dir: str, overrides: dict) -> str:

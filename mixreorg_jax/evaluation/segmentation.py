@@ -45,7 +45,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
 from mixreorg_jax import evaluation
-from mixreorg_jax.data import pipeline, prompts, segmentation_sets
+from mixreorg_jax.data import prompts, segmentation_sets, synthetic_tfds
 from mixreorg_jax.data.tokenizer import get_tokenizer
 from mixreorg_jax.evaluation import visualize
 from mixreorg_jax.models import groupvit
@@ -720,7 +720,7 @@ class Evaluator:
                 raise ValueError(f"segmentation evaluator: field {key!r}: {e}") from None
         if not settings.data_dir and settings.dataset == "synthetic" and train_config is not None:
             # The world the run trains on, with its overrides (prepared already by then).
-            settings.data_dir = pipeline.prepare_synthetic_world(train_config.data)
+            settings.data_dir = synthetic_tfds.prepare_synthetic_world(train_config.data)
         if not settings.data_dir:
             raise ValueError(f"segmentation evaluator ({settings.dataset}): data_dir is not set")
         settings.data_dir = os.path.expanduser(settings.data_dir)

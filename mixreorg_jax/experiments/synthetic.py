@@ -92,11 +92,11 @@ def run_config(name: str, seed: int, extra: dict, synthetic_dir: str):
 
 
 def eval_config(train_config):
-    from mixreorg_jax.data import pipeline
+    from mixreorg_jax.data import synthetic_tfds
     from mixreorg_jax.evaluation import segmentation
 
     config = segmentation.default_config("synthetic")
-    config.data_dir = str(pipeline.prepare_synthetic_world(train_config.data))
+    config.data_dir = str(synthetic_tfds.prepare_synthetic_world(train_config.data))
     config.save_predictions = 8
     return config
 
