@@ -6,7 +6,11 @@ setuptools.setup(
     name="mixreorg_jax",
     version="0.1.0",
     description="MixReorg / GroupViT text-supervised open-world segmentation in JAX/Flax.",
-    packages=setuptools.find_packages(include=["mixreorg_jax", "mixreorg_jax.*"]),
+    # The repository's configs/ ship as mixreorg_jax.configs, so `--config configs/x.py` also
+    # works from an installed package (training.config.resolve finds them there).
+    packages=setuptools.find_packages(include=["mixreorg_jax", "mixreorg_jax.*"])
+    + ["mixreorg_jax.configs", "mixreorg_jax.configs.eval"],
+    package_dir={"mixreorg_jax.configs": "configs"},
     package_data={"mixreorg_jax": ["assets/*"]},
     python_requires=">=3.10",
     install_requires=[

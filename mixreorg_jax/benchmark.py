@@ -29,8 +29,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from mixreorg_jax import cli
 from mixreorg_jax.models import groupvit
-from mixreorg_jax.training import objective, optim, sharding
+from mixreorg_jax.training import objective, sharding
 from mixreorg_jax.training import step as train_step
 
 
@@ -75,14 +76,8 @@ def build_step(config: ml_collections.ConfigDict, devices=None):
     batch is shapes only.
     """
     mesh = sharding.make_mesh(config.mesh, devices)
-    train_step.check_batch(config, mesh)
-    model = groupvit.GroupViT(config.model)
-    schedule = optim.make_schedule(config.optim, 1000, 10, config.data.batch_size)
-    tx = optim.make_optimizer(config.optim, schedule)
-    rng = jax.random.key(0)
-    init = train_step.make_init_fn(model, config, tx)
-    abstract, shardings = train_step.abstract_state(init, rng, mesh)
-    update = train_step.make_update_fn(model, config, tx, schedule, mesh, shardings, rng)
+    # The trainer's own set-up, on a 1000-step schedule (the step does not depend on its length).
+    built = train_step.build(config, mesh, total_steps=1000, warmup_steps=10)
     if devices is None:
         batch = sharding.global_batch(random_batch(config, np.random.default_rng(0)), mesh)
     else:
@@ -94,7 +89,7 @@ def build_step(config: ml_collections.ConfigDict, devices=None):
             )
             for k, v in random_batch(config, np.random.default_rng(0), 1).items()
         }
-    return update, init, abstract, shardings, batch, mesh
+    return built.update, built.init, built.abstract_state, built.state_sharding, batch, mesh
 
 
 def saved_for_backward_bytes(config: ml_collections.ConfigDict, abstract_state, batch) -> int:
@@ -280,4 +275,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -20,8 +20,10 @@ ALLOWED = {
     "data": {"data"},
     "formats": {"ops", "models", "formats"},
     "training": {"ops", "losses", "models", "data", "formats", "training"},
-    "evaluation": {"ops", "models", "data", "formats", "training", "evaluation"},
-    "api": {"ops", "models", "data", "formats", "training", "evaluation", "api"},
+    "evaluation": {"ops", "losses", "models", "data", "formats", "training", "evaluation"},
+    # The library's front: `load` (api.py), the trainer that runs training with its in-loop
+    # evaluators (trainer.py), the programs' shared command-line helpers (cli.py).
+    "api": {"ops", "losses", "models", "data", "formats", "training", "evaluation", "api"},
 }
 ALLOWED["programs"] = set(ALLOWED) - {"programs"}
 FOLDER_LAYERS = ("ops", "models", "data", "formats", "training", "evaluation")
@@ -50,7 +52,7 @@ def layer_of(name: str, program: bool) -> str:
         return parts[1]
     if name == "mixreorg_jax.losses":
         return "losses"
-    if name in ("mixreorg_jax", "mixreorg_jax.api"):
+    if name in ("mixreorg_jax", "mixreorg_jax.api", "mixreorg_jax.trainer", "mixreorg_jax.cli"):
         return "api"
     if program or (len(parts) > 1 and parts[1] == "experiments"):
         return "programs"

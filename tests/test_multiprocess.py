@@ -31,7 +31,7 @@ from test_train import (
     tiny_config,
 )
 
-from mixreorg_jax import train
+from mixreorg_jax import trainer
 from mixreorg_jax.data import pipeline
 
 PROCESSES = 2
@@ -123,7 +123,7 @@ def test_two_processes_train_like_one(tmp_path, synthetic_dir, monkeypatch):
             ),
         )
         config = tiny_config("mixreorg", synthetic_dir, MIX)
-        train.train_and_evaluate(config, str(reference_dir))
+        trainer.train_and_evaluate(config, str(reference_dir))
         returncodes = [p.wait(timeout=TIMEOUT_S) for p in processes]
     except subprocess.TimeoutExpired:
         raise AssertionError(f"the processes did not finish in {TIMEOUT_S} s\n{tails()}") from None

@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from mixreorg_jax import train
+from mixreorg_jax import cli, trainer
 from mixreorg_jax.data import pipeline, synthetic_tfds
 from mixreorg_jax.formats import model_files
 from mixreorg_jax.models import groupvit
@@ -310,7 +310,7 @@ def shared_mixreorg_run(shared_root, synthetic_dir) -> tuple[pathlib.Path, list[
 
             with pytest.MonkeyPatch.context() as monkeypatch:
                 tap_pipeline(monkeypatch, record_batch)
-                last = train.train_and_evaluate(
+                last = trainer.train_and_evaluate(
                     tiny_config("mixreorg", synthetic_dir), str(workdir)
                 )
             record.write_text(json.dumps({"batches": seen, "last": last}))
@@ -325,7 +325,7 @@ def mixreorg_run(shared_root, synthetic_dir, persistent_compile_cache, reuse_tra
 
 
 def test_groupvit_trains(tmp_path, synthetic_dir, compiled_init):
-    last = train.train_and_evaluate(tiny_config("groupvit", synthetic_dir), str(tmp_path))
+    last = trainer.train_and_evaluate(tiny_config("groupvit", synthetic_dir), str(tmp_path))
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == list(range(1, TOTAL_STEPS + 1))
     assert {"contrastive", "multi_label"} <= set(last)
@@ -521,12 +521,12 @@ def test_resume_after_preemption_equals_uninterrupted_run(
 
     tap_pipeline(monkeypatch, record_and_preempt)
     config = tiny_config("mixreorg", synthetic_dir)
-    train.train_and_evaluate(config, str(tmp_path))
+    trainer.train_and_evaluate(config, str(tmp_path))
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [stop_at]
     assert not (tmp_path / "export").exists()  # stopped, not finished
     assert len(seen) == stop_at
 
-    train.train_and_evaluate(config, str(tmp_path))  # the same command again resumes
+    trainer.train_and_evaluate(config, str(tmp_path))  # the same command again resumes
     assert seen == uninterrupted_batches  # the data order, across the stop
     assert losses_only(read_metrics(tmp_path)) == losses_only(read_metrics(uninterrupted_dir))
     assert_trees_equal(
@@ -589,7 +589,7 @@ def test_sigterm_to_training_process_saves_a_checkpoint_to_resume_from(
 
     # Running the same config on that workdir resumes from the checkpoint and finishes where an
     # uninterrupted run does.
-    train.train_and_evaluate(tiny_config("mixreorg", synthetic_dir), str(tmp_path))
+    trainer.train_and_evaluate(tiny_config("mixreorg", synthetic_dir), str(tmp_path))
     assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, TOTAL_STEPS + 1))
     assert_trees_equal(
         read_state(tmp_path, TOTAL_STEPS), read_state(uninterrupted_dir, TOTAL_STEPS)
@@ -610,8 +610,8 @@ def test_non_finite_loss_stops_naming_step_terms_and_last_checkpoint(
         return batch
 
     tap_pipeline(monkeypatch, poison)
-    with pytest.raises(train.TrainingDiverged) as error:
-        train.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(trainer.TrainingDiverged) as error:
+        trainer.train_and_evaluate(config, str(tmp_path))
     message = str(error.value)
     assert f"non-finite loss at step {bad_step}:" in message
     for term in ("total", "contrastive", "multi_label", "restore", "mixseg"):
@@ -810,7 +810,7 @@ def test_missing_data_directory_is_a_clear_error(tmp_path, synthetic_dir):
     with pytest.raises(
         FileNotFoundError, match=f"prepared dataset directory {missing} does not exist"
     ):
-        train.train_and_evaluate(config, str(tmp_path / "workdir"))
+        trainer.train_and_evaluate(config, str(tmp_path / "workdir"))
 
 
 def test_unknown_config_key_on_the_command_line_is_one_error_line(tmp_path):
@@ -862,8 +862,8 @@ def test_resume_from_a_checkpoint_of_another_model_shape_is_a_clear_error(tmp_pa
 
     config.resume = str(tmp_path / "other")
     with pytest.raises(ValueError) as error:
-        train.train_and_evaluate(config, str(tmp_path / "workdir"))
-    message = train.one_line(error.value)
+        trainer.train_and_evaluate(config, str(tmp_path / "workdir"))
+    message = cli.one_line(error.value)
     assert message.startswith(
         f"checkpoint {tmp_path / 'other' / 'checkpoints'}/5 does not fit "
         "this model/optimiser (another model shape or config?)"
@@ -882,8 +882,8 @@ def test_model_init_from_a_checkpoint_of_another_model_shape_is_a_clear_error(
 
     config.model_init = str(tmp_path / "other")
     with pytest.raises(ValueError) as error:
-        train.train_and_evaluate(config, str(tmp_path / "workdir"))
-    message = train.one_line(error.value)
+        trainer.train_and_evaluate(config, str(tmp_path / "workdir"))
+    message = cli.one_line(error.value)
     assert message.startswith(f"model_init {tmp_path / 'other'} does not match the model"), message
     assert "shape mismatch params/" in message
     assert "\n" not in message

@@ -21,9 +21,8 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
+from mixreorg_jax import cli
 from mixreorg_jax.training import config as train_config
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # name -> (config file, overrides of its demo variant). The ablations change one part of MixReorg.
 RUNS = {
@@ -85,7 +84,7 @@ def run_config(name: str, seed: int, extra: dict, synthetic_dir: str):
     if name not in RUNS:
         raise ValueError(f"unknown run {name!r}; known: {', '.join(RUNS)}")
     config_file, overrides = RUNS[name]
-    config = train_config.from_file(f"{REPO / 'configs' / config_file}.py:demo")
+    config = train_config.from_file(cli.resolve_config(f"configs/{config_file}.py:demo"))
     config.seed = seed
     config.data.synthetic_dir = synthetic_dir
     return train_config.apply_overrides(config, {**overrides, **extra})
@@ -115,7 +114,8 @@ def steady_steps_per_second(metrics: list[dict], batch_size: int) -> float:
 
 def run_one(name: str, seed: int, extra: dict, root: pathlib.Path, synthetic_dir: str) -> dict:
     """Trains and evaluates one run (or reads its results); returns its summary."""
-    from mixreorg_jax import evaluate, train
+    from mixreorg_jax import trainer
+    from mixreorg_jax.evaluation import offline
 
     run_dir = root / f"{name}_seed{seed}"
     results_path = run_dir / "eval" / "results.json"
@@ -123,9 +123,11 @@ def run_one(name: str, seed: int, extra: dict, root: pathlib.Path, synthetic_dir
     if not results_path.exists():
         logging.info("run %s seed %d", name, seed)
         start = time.time()
-        train.train_and_evaluate(config, str(run_dir / "workdir"))
+        trainer.train_and_evaluate(config, str(run_dir / "workdir"))
         train_seconds = time.time() - start
-        evaluate.evaluate(eval_config(config), str(run_dir / "workdir"), str(run_dir / "eval"))
+        offline.evaluate_checkpoint(
+            eval_config(config), str(run_dir / "workdir"), str(run_dir / "eval")
+        )
         (run_dir / "train_seconds.txt").write_text(f"{train_seconds:.1f}\n")
     results = json.loads(results_path.read_text())
     metrics = read_metrics(run_dir / "workdir")
@@ -228,9 +230,7 @@ def plot(summaries: list[dict], output_dir: pathlib.Path):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from mixreorg_jax import train
-
-    train.quiet_orbax_logs()
+    cli.quiet_orbax_logs()
     FLAGS = flags.FLAGS
     names = [n for r in FLAGS.runs for n in (ABLATIONS if r == "ablations" else [r])]
     unknown = [n for n in names if n not in RUNS]

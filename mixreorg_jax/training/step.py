@@ -5,14 +5,17 @@ The state is a dict pytree: `step`, `params` ({"model", "multi_label_logit_scale
 """
 
 import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mixreorg_jax.models import groupvit
 from mixreorg_jax.ops import mixing
-from mixreorg_jax.training import objective, sharding
+from mixreorg_jax.training import objective, optim, sharding
 
 
 def make_init_fn(model, config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
@@ -99,3 +102,33 @@ def make_update_fn(
         }, metrics
 
     return update_fn
+
+
+class TrainStep(NamedTuple):
+    """Everything the trainer and the benchmark build from a config before the first step."""
+
+    model: groupvit.GroupViT
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    init: Callable  # rng -> state
+    abstract_state: Any  # ShapeDtypeStructs with shardings
+    state_sharding: Any
+    update: Callable  # (state, batch) -> (state, metrics), jitted, donating the state
+
+
+def build(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    total_steps: int,
+    warmup_steps: int,
+) -> TrainStep:
+    """The model, optimiser, state layout and jitted update step of a train config."""
+    check_batch(config, mesh)
+    model = groupvit.GroupViT(config.model)
+    schedule = optim.make_schedule(config.optim, total_steps, warmup_steps, config.data.batch_size)
+    tx = optim.make_optimizer(config.optim, schedule)
+    base_rng = jax.random.key(config.seed)
+    init = make_init_fn(model, config, tx)
+    abstract, shardings = abstract_state(init, base_rng, mesh)
+    update = make_update_fn(model, config, tx, schedule, mesh, shardings, base_rng)
+    return TrainStep(model, schedule, tx, init, abstract, shardings, update)
