@@ -112,6 +112,15 @@ def test_prompt_template_set_is_configurable(datasets):
         iterator(data_config([datasets["aaa"]], prompt_templates="imagenet"))
 
 
+def test_image_level_labels_mark_the_caption_words_of_the_label_vocabulary(datasets):
+    assert "labels" not in next(iterator(data_config([datasets["aaa"]])))
+    batch = next(iterator(data_config([datasets["aaa"]], labels=("ball", "dog", "cat"))))
+    assert batch["labels"].shape == (4, 3) and batch["labels"].dtype == np.float32
+    for caption, labels in zip(batch["caption"], batch["labels"]):
+        num_words = int(caption.split()[0][3:]) % 4  # the first of ("dog", "park", "ball")
+        np.testing.assert_array_equal(labels, [num_words >= 3, num_words >= 1, 0])
+
+
 def test_two_processes_see_every_example_once_per_epoch(datasets):
     config = data_config([datasets["aaa"]])  # 12 examples, 2 per process per batch
     epochs = {0: [], 1: []}

@@ -17,6 +17,8 @@ Each batch (numpy, this process's share of the global batch `b = batch_size / pr
   tokens:        int32 [b, L], the caption
   prompt_tokens: int32 [b, 3, L], the multi-label prompts
   prompt_ids:    int32 [b, 3], each prompt's word id (`prompts.word_id`; -1: the caption)
+  labels:        float32 [b, K], with `labels` (K class names) set: 1 where a class name is one
+                 of the caption's words (image-level labels)
   caption:       str [b] (only with `include_caption`, for debugging)
 The global batch is assembled from these by the trainer (`jax.make_array_from_process_local_data`).
 
@@ -64,6 +66,10 @@ def get_config_defaults() -> ml_collections.ConfigDict:
             # Multi-label prompt templates (`prompts.TEMPLATE_SETS`): "imagenet80" (GroupViT) or
             # "photo" ("a photo of a {}.", the zero-shot evaluation's template).
             prompt_templates="imagenet80",
+            # Image-level labels: class names; when set, each example also gets `labels`
+            # float32 [K], 1 where the name is one of its caption's words (the classification
+            # objective of backbone pre-training; configs/backbone.py).
+            labels=(),
             augment=dataclasses.asdict(augment.AugmentOptions()),
         )
     )
@@ -160,14 +166,19 @@ def _text(value) -> str:
 
 class PreprocessExample(grain.transforms.RandomMap):
     """Record -> dict(image float32 [S, S, 3], caption str, prompts str [3],
-    prompt_ids int32 [3])."""
+    prompt_ids int32 [3]) and, with `labels` (class names), labels float32 [K]."""
 
     def __init__(
-        self, image_size: int, options: augment.AugmentOptions, prompt_templates: str = "imagenet80"
+        self,
+        image_size: int,
+        options: augment.AugmentOptions,
+        prompt_templates: str = "imagenet80",
+        labels: tuple[str, ...] = (),
     ):
         self._image_size = image_size
         self._options = options
         self._templates = prompts_lib.templates(prompt_templates)
+        self._labels = {name: k for k, name in enumerate(labels)}
 
     def random_map(self, record, rng: np.random.Generator):
         caption = _text(record["caption"])
@@ -178,12 +189,16 @@ class PreprocessExample(grain.transforms.RandomMap):
         prompts, ids = prompts_lib.multi_label_prompts(
             words, caption, rng, template_set=self._templates
         )
-        return dict(
+        out = dict(
             image=image,
             caption=np.array(caption),
             prompts=np.array(prompts),
             prompt_ids=np.array(ids, np.int32),
         )
+        if self._labels:
+            out["labels"] = np.zeros(len(self._labels), np.float32)
+            out["labels"][[self._labels[w] for w in set(words) if w in self._labels]] = 1.0
+        return out
 
 
 @functools.cache
@@ -225,6 +240,8 @@ class TokenizeBatch(grain.transforms.Map):
             ),
             prompt_ids=batch["prompt_ids"],
         )
+        if "labels" in batch:
+            out["labels"] = batch["labels"]
         if self._include_caption:
             out["caption"] = batch["caption"]
         return out
@@ -296,6 +313,7 @@ def make_train_dataset(
         int(_option(data_config, "image_size")),
         options,
         str(_option(data_config, "prompt_templates")),
+        tuple(data_config.get("labels", ()) or ()),
     )
     ds = ds.random_map(preprocess, seed=_seed(seed, process_index, 1))
     # Batching before `to_iter_dataset` makes whole batches the unit that threads and worker
