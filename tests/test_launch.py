@@ -23,9 +23,13 @@ def dry_run(script, *args):
 
 def test_local_trains_then_evaluates_the_same_workdir():
     pretrain, train, evaluate = dry_run("local.sh", "/tmp/demo", "--config.seed=3")
-    assert pretrain[:3] == ["python", "-m", "mixreorg_jax.experiments.probe"]
+    # The backbone is pre-trained by the same trainer, into the workdir the demo then loads.
+    assert pretrain[:5] == ["python", "-m", "mixreorg_jax.train", "--config", "configs/backbone.py"]
     backbone = "/home/u/tensorflow_datasets/mixreorg_backbone"
-    assert f"--export={backbone}" in pretrain and f"--config.model_init={backbone}" in train
+    assert pretrain[pretrain.index("--workdir") + 1] == backbone
+    assert f"--config.model_init={backbone}" in train
+    data_dir = [a for a in pretrain if a.startswith("--config.data.synthetic_dir=")]
+    assert data_dir and data_dir[0] in train  # the same world
     assert train[:5] == [
         "python",
         "-m",

@@ -1,6 +1,6 @@
 r"""The synthetic benchmark: GroupViT vs MixReorg, and MixReorg's ablations, on the synthetic world.
 
-  python -m mixreorg_jax.experiments.synthetic --output_dir docs/synthetic_benchmark \
+  python -m mixreorg_jax.experiments.synthetic --output_dir workdirs/synthetic_benchmark \
       --runs=groupvit,mixreorg --seeds=0,1,2
 
 Every run trains a `demo` config (`configs/groupvit.py:demo` or `configs/mixreorg.py:demo`, with
@@ -50,7 +50,9 @@ RUNS = {
 CURVE_TERMS = ("contrastive", "segment_multi_label", "mixseg")
 ABLATIONS = tuple(name for name in RUNS if name not in ("groupvit", "mixreorg"))
 
-flags.DEFINE_string("output_dir", "docs/synthetic_benchmark", "Results, table and plots go here.")
+flags.DEFINE_string(
+    "output_dir", "workdirs/synthetic_benchmark", "Results, table and plots go here."
+)
 flags.DEFINE_string("workdir_root", None, "Runs' workdirs (default OUTPUT_DIR/runs).")
 flags.DEFINE_list(
     "runs",
