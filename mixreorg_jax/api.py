@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mixreorg_jax import losses
 from mixreorg_jax.data.tokenizer import get_tokenizer
+from mixreorg_jax.evaluation import inference
 from mixreorg_jax.models import groupvit
 from mixreorg_jax.training import checkpointing
-
-MAX_LOGIT_SCALE = 100.0
 
 
 class Model:
@@ -32,8 +32,8 @@ class Model:
 
     @property
     def logit_scale(self) -> float:
-        """exp of the learned log-scale, clamped at 100 as in training and evaluation."""
-        return float(min(np.exp(self.variables["params"]["logit_scale"]), MAX_LOGIT_SCALE))
+        """exp of the learned log-scale, clamped as in training and evaluation."""
+        return float(losses.logit_scale(self.variables["params"]["logit_scale"]))
 
     def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
         """int32[N, context_length] CLIP BPE ids."""
@@ -61,11 +61,9 @@ class Model:
         return self._encode_text(self.variables, jnp.asarray(self.tokenize(texts)))["embedding"]
 
     def segment(self, image, class_names: Sequence[str], **kwargs) -> np.ndarray:
-        """uint8[H, W, 3] RGB -> int32[H, W] labels; see `mixreorg_jax.segment.segment`
+        """uint8[H, W, 3] RGB -> int32[H, W] labels; see `evaluation.inference.segment`
         (with `bg_thresh`, 0 = background and k = class_names[k - 1])."""
-        from mixreorg_jax import segment  # Deferred: the protocol's code is not needed to embed.
-
-        return segment.segment(self.variables, self.config, image, class_names, **kwargs)
+        return inference.segment(self.variables, self.config, image, class_names, **kwargs)
 
 
 def load(path: str) -> Model:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from mixreorg_jax import evaluate, evaluation
 from mixreorg_jax.data import segmentation_sets
-from mixreorg_jax.evaluation import segmentation
+from mixreorg_jax.evaluation import inference, segmentation, segmentation_settings
 from mixreorg_jax.formats import huggingface
 from mixreorg_jax.models import groupvit
 from mixreorg_jax.ops import miou as miou_ops
@@ -160,7 +160,8 @@ def load_eval_config(name: str, arg=None) -> ml_collections.ConfigDict:
 
 def run_binary(argv: list[str]) -> dict:
     """The binary's flags parsed from ARGV, then its `run`, in this process (which shares the
-    compiled functions between tests; `main` only adds `jax.distributed` start-up)."""
+    compiled functions between tests; `main` only adds log filtering and `jax.distributed`
+    start-up)."""
     argv = ["evaluate"] + argv
     flag_values = flags.FlagValues()
     evaluate.define_flags(flag_values, argv)
@@ -268,7 +269,7 @@ def test_eight_devices_equal_one_device(checkpoint, voc, voc_results):
 
 def _perfect_crop_outputs(
     encoded,
-    logit_scale,
+    log_scale,
     class_emb,
     label_crops,
     thresholds,
@@ -280,7 +281,7 @@ def _perfect_crop_outputs(
 ):
     """Scores that are the ground truth itself: a background channel per threshold (below 0.5
     it never wins, so those thresholds score worse), then one per class."""
-    del encoded, logit_scale, crop_hw, patch_size, top_k
+    del encoded, log_scale, crop_hw, patch_size, top_k
     truth = jax.nn.one_hot(label_crops, num_label_classes, axis=1)  # 255 -> all zero
     background = [
         jnp.where(thresholds[t] > 0.5, truth[:, 0], -1.0)[:, None]
@@ -299,8 +300,8 @@ def _perfect_crop_outputs(
 def test_perfect_prediction_gives_miou_exactly_one(checkpoint, monkeypatch, tmp_path):
     # Images at the short side already: resizing is the identity, and the windows overlap.
     labels = write_voc_fixture(str(tmp_path), [IMAGE_SIZES[0]] * 2, seed=3, splits=("val", "train"))
-    monkeypatch.setattr(segmentation, "encode_crops", lambda *args, **kwargs: None)
-    monkeypatch.setattr(segmentation, "crop_outputs", _perfect_crop_outputs)
+    monkeypatch.setattr(inference, "encode_crops", lambda *args, **kwargs: None)
+    monkeypatch.setattr(inference, "crop_outputs", _perfect_crop_outputs)
     variables, model_config = checkpointing.load_variables(checkpoint)
     # As the training loop calls it: its mesh set, the state on it.
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
@@ -394,10 +395,10 @@ def test_configs_and_settings():
     ) == ("context59", None)
     with pytest.raises(ValueError, match="known: 60, 59"):
         load_eval_config("context", "61")
-    assert segmentation.expand_templates(("imagenet80",))[:1] == ("a bad photo of a {}.",)
+    assert inference.expand_templates(("imagenet80",))[:1] == ("a bad photo of a {}.",)
     with pytest.raises(ValueError, match="'{}'"):
-        segmentation.expand_templates(("a photo",))
-    assert [segmentation.parse_bg_thresh(v) for v in ("auto", "None", 0.5, "0.25")] == [
+        inference.expand_templates(("a photo",))
+    assert [segmentation_settings.parse_bg_thresh(v) for v in ("auto", "None", 0.5, "0.25")] == [
         "auto",
         None,
         0.5,

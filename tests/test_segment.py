@@ -1,19 +1,34 @@
 """Segmenting a picture by class names: the CLI's two PNGs and `model.segment` from the handle."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
+from absl import flags
 from PIL import Image
 
 import mixreorg_jax
 from mixreorg_jax import segment
-from mixreorg_jax.evaluation import visualize
+from mixreorg_jax.evaluation import inference, visualize
 from mixreorg_jax.formats import model_files
 from mixreorg_jax.models import presets
 
 # The tiny model's own input size: 32 px windows at stride 16, short side 32.
 SMALL_PROTOCOL = ["--short_side", "32", "--window", "32", "--stride", "16"]
 CLASSES = ("cat", "dog", "grass")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(argv: list[str]) -> None:
+    """The program's flags parsed from ARGV on their own FlagValues (absl's global ones belong to
+    whichever program runs), then its `run`, in this process."""
+    flag_values = flags.FlagValues()
+    segment.define_flags(flag_values)
+    flag_values(["segment"] + argv)
+    segment.run(flag_values)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +67,7 @@ def picture(tmp_path_factory):
 def test_cli_writes_overlay_and_indexed_mask(checkpoint, picture, tmp_path, capsys):
     path, image = picture
     output = str(tmp_path / "seg.png")
-    segment.main(
+    run_cli(
         [
             "--checkpoint",
             checkpoint,
@@ -106,12 +121,34 @@ def test_bad_input_is_a_one_line_error(checkpoint, picture, tmp_path):
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
-            segment.main(argv + ["--classes", "cat", "--output", str(tmp_path / "o.png")])
+            run_cli(argv + ["--classes", "cat", "--output", str(tmp_path / "o.png")])
         assert str(exit_info.value.code).startswith("error: ") and message in str(
             exit_info.value.code
         )
     with pytest.raises(ValueError, match="class names"):
-        segment.segment({}, presets.get_model_config("tiny"), np.zeros((8, 8, 3), np.uint8), [])
+        inference.segment({}, presets.get_model_config("tiny"), np.zeros((8, 8, 3), np.uint8), [])
+
+    # The real command line ends in one line on stderr.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mixreorg_jax.segment",
+            f"--checkpoint={checkpoint}",
+            f"--image={tmp_path / 'missing.jpg'}",
+            "--classes=cat,dog",
+            f"--output={tmp_path / 'o.png'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert (
+        result.stderr.strip().splitlines()[-1] == f"error: no image at {tmp_path / 'missing.jpg'}"
+    )
+    assert "Traceback" not in result.stderr
 
 
 def test_label_palette_and_png_round_trip(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from mixreorg_jax import losses
 from mixreorg_jax.ops import miou
 from mixreorg_jax.ops import segmentation as seg
 
@@ -62,7 +63,8 @@ def test_chain_assignments_and_group_masks():
 
 
 def _reference_group_class_scores(segments, image, classes, scale, top_k):
-    """The released encode_decode, one crop at a time, in NumPy."""
+    """The released encode_decode, one crop at a time, in NumPy (the scale exponentiated and
+    clamped at 100 as the released model does)."""
     normalize = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
     scale = min(scale, 100.0)
     out = []
@@ -86,7 +88,8 @@ def test_group_class_scores_matches_reference(num_classes, scale):
     segments = rng.normal(size=(3, 8, 16)).astype(np.float32)
     image = rng.normal(size=(3, 16)).astype(np.float32)
     classes = rng.normal(size=(num_classes, 16)).astype(np.float32)
-    scores = _group_class_scores(segments, image, classes, scale)
+    # The callers clamp the learned scale with `losses.logit_scale`; the ops take it as it is.
+    scores = _group_class_scores(segments, image, classes, losses.logit_scale(np.log(scale)))
     expected = _reference_group_class_scores(segments, image, classes, scale, 5)
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-7)
 
@@ -116,8 +119,8 @@ def test_top_k_keeps_the_crops_best_classes_and_clamps_scale():
     assert (scores[..., 2:] == 0).all()  # class 5 is dropped: the crop does not rank it top 2
     assert scores[0, 1, 0] > scores[0, 1, 1] > 0
     np.testing.assert_allclose(
-        _group_class_scores(segments, image, classes, 100.0),
-        _group_class_scores(segments, image, classes, 1e4),
+        _group_class_scores(segments, image, classes, losses.logit_scale(np.log(100.0))),
+        _group_class_scores(segments, image, classes, losses.logit_scale(np.log(1e4))),
         rtol=1e-6,
     )
 

@@ -7,9 +7,9 @@ data_dir: the folder holding coco/{images,annotations}/val2017 (masks from Group
 convert_dataset/convert_coco_object.py).
 """
 
-from mixreorg_jax.evaluation import segmentation
+from mixreorg_jax.evaluation import segmentation_settings
 
 
 def get_config(arg=None):
     del arg
-    return segmentation.default_config("coco_object").lock()
+    return segmentation_settings.default_config("coco_object").lock()

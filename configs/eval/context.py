@@ -9,10 +9,10 @@ the released evaluation) and 59 (no background; background pixels ignored).
 data_dir: the folder holding VOCdevkit/VOC2010 with mmseg's converted SegmentationClassContext.
 """
 
-from mixreorg_jax.evaluation import segmentation
+from mixreorg_jax.evaluation import segmentation_settings
 from mixreorg_jax.training import config as train_config
 
 
 def get_config(arg=None):
     variant = train_config.parse_variant(arg, ("60", "59"), default="60")
-    return segmentation.default_config(f"context{variant}").lock()
+    return segmentation_settings.default_config(f"context{variant}").lock()

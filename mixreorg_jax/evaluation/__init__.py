@@ -3,7 +3,8 @@
 Each entry of `config.evals` is `name: {type, every_steps, ...}` (`type` defaults to the name).
 An evaluator module defines `Evaluator(eval_config, *, model, mesh, config)` with `run(state) ->
 dict[str, float]`; `due(step, total_steps)` comes from `every_steps` (and the last step). The
-eval binary builds evaluators through the same factory, so in-loop and offline numbers agree.
+eval binary (`offline.evaluate_checkpoint`) builds evaluators through the same factory, so in-loop
+and offline numbers agree. The models' inference itself is `inference.py`, shared by all.
 """
 
 import importlib
@@ -12,7 +13,6 @@ import ml_collections
 
 # type -> module; imported only when a config names it.
 KNOWN = {
-    "retrieval": "mixreorg_jax.evaluation.retrieval",
     "segmentation": "mixreorg_jax.evaluation.segmentation",
 }
 

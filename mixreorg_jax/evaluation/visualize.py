@@ -155,7 +155,7 @@ def save_comparison(
 def save_grouping(path: str, image: np.ndarray, groups: np.ndarray) -> None:
     """PNG of the image, its final groups (each group id its own colour) and the two blended.
 
-    groups: int[H, W] group ids (see `evaluation.segmentation.paste_window_groups`).
+    groups: int[H, W] group ids (see `evaluation.inference.paste_window_groups`).
     """
     ids, dense = np.unique(groups, return_inverse=True)
     coloured = group_colours(len(ids))[dense.reshape(groups.shape)]
@@ -164,6 +164,29 @@ def save_grouping(path: str, image: np.ndarray, groups: np.ndarray) -> None:
         [("image", image), (f"groups ({len(ids)})", coloured), ("groups over image", blend)]
     )
     _save(fig, path)
+
+
+def save_pictures(
+    output_dir: str,
+    name: str,
+    image: np.ndarray,
+    prediction: np.ndarray,
+    label: np.ndarray,
+    groups: np.ndarray,
+    class_names,
+    has_background: bool,
+) -> None:
+    """An evaluated image's files under `output_dir`: predictions/NAME.png (the predicted labels,
+    an indexed PNG), pictures/NAME.png (`save_comparison`), pictures/NAME_groups.png
+    (`save_grouping`)."""
+    name = name.replace(os.sep, "_")
+    palette = label_palette(has_background)
+    save_label_png(os.path.join(output_dir, "predictions", f"{name}.png"), prediction, palette)
+    pictures = os.path.join(output_dir, "pictures")
+    save_comparison(
+        os.path.join(pictures, f"{name}.png"), image, prediction, label, class_names, palette
+    )
+    save_grouping(os.path.join(pictures, f"{name}_groups.png"), image, groups)
 
 
 def _makedirs_for(path: str) -> None:

@@ -94,9 +94,9 @@ def run_config(name: str, seed: int, extra: dict, synthetic_dir: str):
 
 def eval_config(train_config):
     from mixreorg_jax.data import synthetic_tfds
-    from mixreorg_jax.evaluation import segmentation
+    from mixreorg_jax.evaluation import segmentation_settings
 
-    config = segmentation.default_config("synthetic")
+    config = segmentation_settings.default_config("synthetic")
     config.data_dir = str(synthetic_tfds.prepare_synthetic_world(train_config.data))
     config.save_predictions = 8
     return config

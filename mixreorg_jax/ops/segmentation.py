@@ -1,4 +1,4 @@
-"""Zero-shot segmentation post-processing of GroupViT's released evaluation (method.md section 2).
+"""Zero-shot segmentation post-processing of GroupViT's released evaluation (docs/method.md §2).
 
 The model part (encoders, projectors) is supplied by the caller; everything here is a pure `jnp`
 function of arrays with static shapes. Per 448 x 448 window (a "crop"):
@@ -23,9 +23,6 @@ import numpy as np
 # ImageNet statistics on the 0-255 scale, applied after the resize as mmseg's `Normalize` does.
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
-
-# The released evaluation clamps the learned (exponentiated) logit scale here.
-MAX_LOGIT_SCALE = 100.0
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -113,9 +110,9 @@ def group_class_scores(
     """Group x class scores of one crop each, as the released `GroupViTSegInference.encode_decode`.
 
     The released sequence, for each crop:
-      1. G = <segment_g, class_c> * min(logit_scale, 100); P = softmax_c(G).
-      2. A = softmax_c(<pooled image, class_c> * min(logit_scale, 100)); its top min(top_k, C)
-         classes are kept, the others set to -inf in G.
+      1. G = <segment_g, class_c> * logit_scale; P = softmax_c(G).
+      2. A = softmax_c(<pooled image, class_c> * logit_scale); its top min(top_k, C) classes are
+         kept, the others set to -inf in G.
       3. scores = softmax_c(masked G) * P, so a group's scores are 0 for every class outside the
          crop's top k, and sum to at most 1.
 
@@ -123,7 +120,8 @@ def group_class_scores(
         segment_emb: float[B, G, D] projected segment tokens (the final groups).
         image_emb: float[B, D] projected pooled image embedding of the same crop.
         class_emb: float[C, D] class (text) embeddings, background excluded.
-        logit_scale: the learned scale, already exponentiated (clamped at 100 here).
+        logit_scale: the scale, already exponentiated and clamped as the released evaluation
+            does (`losses.logit_scale` of the learned log-scale).
         top_k: classes kept per crop (5 in the released evaluation).
     All three embeddings are L2-normalised here (idempotent for inputs that already are).
 
@@ -131,7 +129,7 @@ def group_class_scores(
         float[B, G, C].
     """
     num_classes = class_emb.shape[0]
-    scale = jnp.minimum(jnp.asarray(logit_scale, segment_emb.dtype), MAX_LOGIT_SCALE)
+    scale = jnp.asarray(logit_scale, segment_emb.dtype)
     class_emb = _l2_normalize(class_emb)
     group_logits = (
         jnp.einsum("bgd,cd->bgc", _l2_normalize(segment_emb), class_emb, precision=_HIGHEST) * scale
@@ -323,7 +321,7 @@ def segment_image(
     stride: int = 224,
     windows_per_call: int | None = None,
 ) -> jax.Array:
-    """Label prediction for one image with the released protocol (method.md section 2, step 5).
+    """Label prediction for one image with the released protocol (docs/method.md §2, step 5).
 
     Resize (short side 448, long side at most 2048), normalise, slide `crop_fn`, resize the
     averaged scores bilinearly to the original size, argmax. No flip.
