@@ -1,23 +1,24 @@
-"""Input pipeline throughput: images/s of decode + augment (+ prompts) in one worker.
+r"""Input pipeline throughput: images/s of decode + augment (+ prompts) in one worker.
+
+  python -m mixreorg_jax.benchmark_data                       # 224 px, train augmentation
+  python -m mixreorg_jax.benchmark_data --source_size 1280x960 --num_images 100
+  python -m mixreorg_jax.benchmark_data --dir ~/tensorflow_datasets/cc12m --pipeline_workers 8
 
 Prints one JSON line. By default the images are synthetic photos-like JPEGs made in memory
 (smooth colour fields plus noise, `--source_size`, quality 90); `--dir` uses a prepared dataset
 instead. `--pipeline_workers N` (with `--dir`) also times the whole grain pipeline (sharding,
 shuffle, augmentation, batching, tokenization) with N worker processes.
-
-  python -m mixreorg_jax.benchmark_data                       # 224 px, train augmentation
-  python -m mixreorg_jax.benchmark_data --source_size 1280x960 --num_images 100
-  python -m mixreorg_jax.benchmark_data --dir ~/tensorflow_datasets/cc12m --pipeline_workers 8
 """
 
-import argparse
 import io
 import json
 import time
 
 import numpy as np
+from absl import app, flags
 from PIL import Image
 
+from mixreorg_jax import cli
 from mixreorg_jax.data import augment, pipeline
 
 
@@ -35,14 +36,23 @@ def synthetic_jpegs(num: int, width: int, height: int, seed: int = 0) -> list[by
     return images
 
 
-def _records(args) -> tuple[list[dict], str]:
-    if args.dir:
-        spec = pipeline.resolve_datasets({"datasets": [dict(dir=args.dir, split=args.split)]})[0]
+def load_records(
+    dataset_dir: str, split: str, num_images: int, source_size: str
+) -> tuple[list[dict], str]:
+    """(the first `num_images` records of a prepared dataset, or synthetic ones; a description).
+
+    source_size: "WxH" of the synthetic JPEGs (used without `dataset_dir`).
+    """
+    if dataset_dir:
+        spec = pipeline.resolve_datasets({"datasets": [dict(dir=dataset_dir, split=split)]})[0]
         source = pipeline.open_source(spec)
-        count = min(args.num_images, len(source))
-        return [source[i] for i in range(count)], f"{spec.dir} {args.split}"
-    width, height = (int(v) for v in args.source_size.split("x"))
-    images = synthetic_jpegs(args.num_images, width, height)
+        count = min(num_images, len(source))
+        return [source[i] for i in range(count)], f"{spec.dir} {split}"
+    try:
+        width, height = (int(v) for v in source_size.split("x"))
+    except ValueError:
+        raise ValueError(f"--source_size must be WxH, e.g. 640x480, got {source_size!r}") from None
+    images = synthetic_jpegs(num_images, width, height)
     records = [
         dict(image=b, caption="a dog runs in the park", words=["dog", "runs", "park"])
         for b in images
@@ -67,62 +77,95 @@ def per_worker_rate(records: list[dict], image_size: int, eval_path: bool) -> fl
     return len(records) / (time.perf_counter() - start)
 
 
-def pipeline_rate(args) -> float:
-    """Images/s of the whole pipeline with `args.pipeline_workers` workers, after 2 batches."""
+def pipeline_rate(
+    dataset_dir: str,
+    split: str,
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    num_batches: int,
+) -> float:
+    """Images/s of the whole pipeline with `num_workers` workers, after 2 batches."""
     config = pipeline.get_config_defaults()
-    config.datasets = [dict(dir=args.dir, split=args.split, weight=1.0)]
-    config.image_size = args.image_size
-    config.batch_size = args.batch_size
-    config.worker_count = args.pipeline_workers
+    config.datasets = [dict(dir=dataset_dir, split=split, weight=1.0)]
+    config.image_size = image_size
+    config.batch_size = batch_size
+    config.worker_count = num_workers
     iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
     for _ in range(2):
         next(iterator)
     start = time.perf_counter()
-    for _ in range(args.num_batches):
+    for _ in range(num_batches):
         next(iterator)
-    rate = args.num_batches * args.batch_size / (time.perf_counter() - start)
+    rate = num_batches * batch_size / (time.perf_counter() - start)
     iterator.close()
     return rate
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m mixreorg_jax.benchmark_data",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The program's flags. Defined only when it runs (tests define them on their own
+    FlagValues): other programs imported beside it in tests have an `--image_size` too."""
+    flags.DEFINE_string(
+        "dir", "", "A prepared dataset (default: synthetic JPEGs).", flag_values=flag_values
     )
-    parser.add_argument("--dir", default="", help="a prepared dataset (default: synthetic)")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--num_images", type=int, default=200)
-    parser.add_argument("--source_size", default="640x480", help="synthetic JPEG WxH")
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--eval", action="store_true", help="time the eval centre-crop path")
-    parser.add_argument(
-        "--pipeline_workers",
-        type=int,
-        default=-1,
-        help=">= 0: also time the whole pipeline with this many workers",
+    flags.DEFINE_string("split", "train", "The dataset's split.", flag_values=flag_values)
+    flags.DEFINE_integer(
+        "num_images", 200, "Images to time.", lower_bound=1, flag_values=flag_values
     )
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_batches", type=int, default=10)
-    args = parser.parse_args(argv)
+    flags.DEFINE_string(
+        "source_size", "640x480", "Synthetic JPEG size, WxH.", flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "image_size", 224, "Output image side.", lower_bound=1, flag_values=flag_values
+    )
+    flags.DEFINE_bool("eval", False, "Time the eval centre-crop path.", flag_values=flag_values)
+    flags.DEFINE_integer(
+        "pipeline_workers",
+        -1,
+        ">= 0: also time the whole pipeline with this many workers (needs --dir).",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "batch_size",
+        64,
+        "Batch size of the pipeline timing.",
+        lower_bound=1,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "num_batches", 10, "Timed batches of the pipeline.", lower_bound=1, flag_values=flag_values
+    )
 
-    records, source = _records(args)
-    result = dict(
-        images_per_s_per_worker=round(per_worker_rate(records, args.image_size, args.eval), 1),
-        path="eval" if args.eval else "train",
-        image_size=args.image_size,
-        source=source,
-        num_images=len(records),
-        mean_encoded_kb=round(float(np.mean([len(r["image"]) for r in records])) / 1024, 1),
-    )
-    if args.pipeline_workers >= 0:
-        if not args.dir:
-            parser.error("--pipeline_workers needs --dir (a prepared dataset)")
-        result["pipeline_workers"] = args.pipeline_workers
-        result["pipeline_images_per_s"] = round(pipeline_rate(args), 1)
+
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    if len(argv) > 1:
+        raise SystemExit(f"error: unexpected arguments {argv[1:]}")
+    f = flag_values  # Short: read on every line below.
+    if f.pipeline_workers >= 0 and not f.dir:
+        raise SystemExit("error: --pipeline_workers needs --dir (a prepared dataset)")
+    try:
+        records, source = load_records(f.dir, f.split, f.num_images, f.source_size)
+        result = dict(
+            images_per_s_per_worker=round(per_worker_rate(records, f.image_size, f.eval), 1),
+            path="eval" if f.eval else "train",
+            image_size=f.image_size,
+            source=source,
+            num_images=len(records),
+            mean_encoded_kb=round(float(np.mean([len(r["image"]) for r in records])) / 1024, 1),
+        )
+        if f.pipeline_workers >= 0:
+            result["pipeline_workers"] = f.pipeline_workers
+            result["pipeline_images_per_s"] = round(
+                pipeline_rate(
+                    f.dir, f.split, f.image_size, f.batch_size, f.pipeline_workers, f.num_batches
+                ),
+                1,
+            )
+    except (ValueError, OSError) as e:  # a missing or unprepared dataset, a bad --source_size
+        raise SystemExit(f"error: {cli.one_line(e)}") from None
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

@@ -1,4 +1,5 @@
-"""Preparing real image-caption data (data/captions.py, data/words.py) from tiny fixture trees."""
+"""Preparing real image-caption data (data/captions.py, data/words.py, the prepare_captions
+program) from tiny fixture trees."""
 
 import io
 import json
@@ -11,9 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
+from absl import flags
 from PIL import Image
 from tensorflow_datasets.proto import tf_example_pb2
 
+from mixreorg_jax import prepare_captions
 from mixreorg_jax.data import captions
 from mixreorg_jax.data import words as words_lib
 
@@ -289,6 +292,14 @@ def test_parquet_and_tfrecord_like_img2dataset(tmp_path):
     assert (metadata["skipped_corrupt_image"], metadata["skipped_bad_caption"]) == (1, 1)
 
 
+def run_prepare_captions(argv: list[str]) -> None:
+    """`python -m mixreorg_jax.prepare_captions ARGV` in this process: its flags on their own
+    FlagValues (the global ones hold other programs' flags of the same names)."""
+    flag_values = flags.FlagValues()
+    prepare_captions.define_flags(flag_values)
+    prepare_captions.main(flag_values(["prepare_captions", *argv]), flag_values)
+
+
 def test_command_line_and_worker_processes(tmp_path, monkeypatch, capsys):
     for shard in range(2):
         with tarfile.open(tmp_path / f"{shard:05d}.tar", "w") as tar:
@@ -301,7 +312,7 @@ def test_command_line_and_worker_processes(tmp_path, monkeypatch, capsys):
     (tmp_path / "00003.parquet").write_bytes(b"PAR1 but not really")
     # The command line uses NLTK's tagger; here the fake one stands in for it.
     monkeypatch.setattr(words_lib, "nltk_tagger", lambda: fake_tagger)
-    captions.main(
+    run_prepare_captions(
         [
             "--source",
             str(tmp_path / "{00000..00001}.tar"),
@@ -344,4 +355,30 @@ def test_bad_name_and_unknown_source_type(tmp_path):
     with pytest.raises(ValueError, match="unknown source type"):
         captions.prepare(
             "zipped", str(tmp_path / "data.zip"), data_dir=str(tmp_path / "tfds"), tag=fake_tagger
+        )
+
+
+def test_command_line_errors_are_one_line(tmp_path, monkeypatch):
+    def missing(*args, **kwargs):
+        raise LookupError("Resource averaged_perceptron_tagger_eng not found.")
+
+    (tmp_path / "captions.tsv").write_text("a.jpg\ta dog\n")
+    argv = ["--source", str(tmp_path / "captions.tsv"), "--data_dir", str(tmp_path / "tfds")]
+    with pytest.raises(SystemExit, match="^error: dataset name 'CC-12M' must be snake_case"):
+        run_prepare_captions([*argv, "--name", "CC-12M"])
+    monkeypatch.setattr(words_lib.nltk.tag, "PerceptronTagger", missing)
+    words_lib.nltk_tagger.cache_clear()
+    try:
+        with pytest.raises(
+            SystemExit,
+            match="^error: NLTK's part-of-speech tagger data .*; "
+            "python -m nltk.downloader averaged_perceptron_tagger_eng;",
+        ):
+            run_prepare_captions([*argv, "--name", "untagged"])
+    finally:
+        words_lib.nltk_tagger.cache_clear()
+    monkeypatch.setattr(words_lib, "nltk_tagger", lambda: fake_tagger)
+    with pytest.raises(SystemExit, match=r"^error: no source files match '.*/missing\.tar'$"):
+        run_prepare_captions(
+            ["--source", str(tmp_path / "missing.tar"), "--data_dir", str(tmp_path), "--name", "x"]
         )

@@ -8,18 +8,23 @@ numerics agree with the default level far inside the 1e-4 tolerance).
 import functools
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
+from absl import flags
 
 from mixreorg_jax import convert
 from mixreorg_jax.formats import huggingface, model_files
 from mixreorg_jax.models import groupvit, presets
 
 EOT = 49407
+REPO = pathlib.Path(__file__).resolve().parents[1]
 fast_jit = functools.partial(
     jax.jit,
     compiler_options={
@@ -27,6 +32,14 @@ fast_jit = functools.partial(
         "xla_llvm_disable_expensive_passes": True,
     },
 )
+
+
+def run_convert(argv: list[str]) -> None:
+    """`python -m mixreorg_jax.convert ARGV` in this process: its flags on their own FlagValues
+    (the global ones hold other programs' flags of the same names)."""
+    flag_values = flags.FlagValues()
+    convert.define_flags(flag_values)
+    convert.main(flag_values(["convert", *argv]), flag_values)
 
 
 def _small_hf_config(
@@ -199,7 +212,7 @@ def test_small_models_match_hf_through_the_cli(name, tmp_path):
     hf_config = _small_hf_config(**SMALL_CONFIGS[name])
     hf_model = _hf_model(hf_config, seed=1)
     hf_model.save_pretrained(tmp_path / "hf")
-    convert.main(["from-hf", "--hf_dir", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt")])
+    run_convert(["from-hf", "--hf_dir", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt")])
     variables, config = model_files.load_model(str(tmp_path / "ckpt"))
     size = hf_config.vision_config.image_size
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
@@ -248,10 +261,8 @@ def test_groupvit_s_matches_hf_at_224_and_448(tmp_path):
 
 def test_round_trip_reproduces_every_tensor(tiny_hf, tmp_path):
     hf_model, folder = tiny_hf
-    convert.main(["from-hf", "--hf_dir", folder, "--output", str(tmp_path / "ckpt")])
-    convert.main(
-        ["to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")]
-    )
+    run_convert(["from-hf", "--hf_dir", folder, "--output", str(tmp_path / "ckpt")])
+    run_convert(["to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")])
     original = model_files.read_safetensors(os.path.join(folder, "model.safetensors"))
     exported = model_files.read_safetensors(str(tmp_path / "hf" / "model.safetensors"))
     assert set(exported) == set(original)
@@ -321,11 +332,11 @@ def test_hf_folder_whose_config_disagrees_with_its_weights(tiny_hf, tmp_path):
     with open(tmp_path / "config.json", "w") as f:
         json.dump(hf_config, f)
     with pytest.raises(
-        ValueError,
-        match=r"text_model\.embeddings\.position_embedding\.weight: "
+        SystemExit,
+        match=r"^error: .*text_model\.embeddings\.position_embedding\.weight: "
         r"expected \(20, 32\), got \(16, 32\)",
     ):
-        convert.main(["from-hf", "--hf_dir", str(tmp_path), "--output", str(tmp_path / "ckpt")])
+        run_convert(["from-hf", "--hf_dir", str(tmp_path), "--output", str(tmp_path / "ckpt")])
     assert not os.path.exists(tmp_path / "ckpt")
 
 
@@ -346,18 +357,18 @@ def test_checkpoint_loaded_into_another_model_shape(tiny_hf, tmp_path):
 
 
 def test_missing_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No config.json in"):
-        convert.main(["from-hf", "--hf_dir", str(tmp_path), "--output", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="^error: No config.json in"):
+        run_convert(["from-hf", "--hf_dir", str(tmp_path), "--output", str(tmp_path / "out")])
     (tmp_path / "config.json").write_text(
         json.dumps(huggingface.model_config_to_hf_config(presets.get_model_config("tiny")))
     )
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(
-        FileNotFoundError, match="No model.safetensors in .*found pytorch_model.bin"
+        SystemExit, match="^error: No model.safetensors in .*found pytorch_model.bin"
     ):
-        convert.main(["from-hf", "--hf_dir", str(tmp_path), "--output", str(tmp_path / "out")])
-    with pytest.raises(FileNotFoundError, match="No model checkpoint directory at .*nowhere"):
-        convert.main(
+        run_convert(["from-hf", "--hf_dir", str(tmp_path), "--output", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="^error: No model checkpoint directory at .*nowhere"):
+        run_convert(
             ["to-hf", "--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]
         )
     with pytest.raises(FileNotFoundError, match="model_config/metadata is missing"):
@@ -373,9 +384,36 @@ def test_unsupported_hf_configs_are_refused():
         huggingface.hf_config_to_model_config({"model_type": "clip"})
 
 
-def test_cli_help(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        convert.main(["--help"])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
+def test_cli_help():
+    """The real command line (its own process): absl shows the module docstring, and exits 1."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mixreorg_jax.convert", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    out = result.stdout
     assert "from-hf" in out and "to-hf" in out
+    assert out.startswith(convert.__doc__) and "--hf_dir" in out and "--overwrite" in out
+
+
+def test_commands_and_their_flags_are_checked_in_one_line(tmp_path):
+    for argv, message in [
+        (["--output", "o"], "got none"),
+        (["from_hf", "--output", "o"], "got 'from_hf'"),
+        (["to-hf", "from-hf"], "got 'to-hf from-hf'"),
+    ]:
+        with pytest.raises(SystemExit) as error:
+            run_convert(argv)
+        assert str(error.value) == (
+            "error: name one command, from-hf (Hugging Face folder -> model checkpoint) or "
+            f"to-hf (model checkpoint -> Hugging Face folder); {message}"
+        )
+    with pytest.raises(SystemExit, match="^error: from-hf needs --hf_dir and --output$"):
+        run_convert(["from-hf"])
+    with pytest.raises(SystemExit, match="^error: to-hf needs --output$"):
+        run_convert(["to-hf", "--checkpoint", "c"])
+    with pytest.raises(SystemExit, match="^error: to-hf does not take --hf_dir or --overwrite$"):
+        run_convert(["to-hf", "--checkpoint", "c", "--output", "o", "--hf_dir", "h", "--overwrite"])

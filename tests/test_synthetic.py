@@ -1,14 +1,23 @@
-"""The synthetic world: determinism, mask/caption agreement, colour independence, TFDS round trip."""
+"""The synthetic world: determinism, mask/caption agreement, colour independence, TFDS round trip,
+and its programs (prepare_synthetic, experiments/world)."""
 
 import io
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from absl import flags
 from PIL import Image
 
+from mixreorg_jax import prepare_synthetic
 from mixreorg_jax.data import synthetic, synthetic_tfds
+from mixreorg_jax.experiments import world as world_program
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 TINY = dict(train_size=24, validation_size=8, test_size=6)
 
@@ -79,7 +88,7 @@ def test_bad_configs_and_arguments_are_errors():
     with pytest.raises(ValueError, match="imag_size"):
         synthetic_tfds.world_config(imag_size=32)
     with pytest.raises(ValueError, match="does not divide"):
-        synthetic.patch_majority_labels(np.zeros((64, 64), np.uint8), 5)
+        world_program.patch_majority_labels(np.zeros((64, 64), np.uint8), 5)
 
 
 @pytest.mark.parametrize("synonym_prob", [0.0, 1.0])
@@ -158,21 +167,29 @@ def test_class_textures_tie_the_pattern_but_not_the_colour_to_the_class():
 
 
 def test_colour_only_classifiers_are_near_chance():
-    result = synthetic.colour_only_baseline(synthetic.WorldConfig(), num_train=150, num_test=60)
+    config = synthetic.WorldConfig()
+    result = world_program.colour_only_baseline(config, num_train=150, num_test=60)
     assert result["object_accuracy"] < 2 * result["chance_accuracy"]
     assert result["foreground_pixel_accuracy"] < 2 * result["chance_accuracy"]
     assert result["pixel_miou"] < 0.3
+    # The mIoU is ops/miou.py's: all background has IoU = its share of the pixels, each class in
+    # the ground truth 0, and the classes in neither are left out.
+    masks = np.stack([synthetic.generate_example(i, "test", config)["mask"] for i in range(60)])
+    present = np.unique(masks)
+    assert present[0] == 0
+    expected = np.mean(masks == 0) / len(present)
+    np.testing.assert_allclose(result["all_background_miou"], expected, rtol=1e-12)
 
 
 def test_patch_label_ceiling_is_exact_at_patch_1_and_falls_with_patch_size():
     config = synthetic.WorldConfig(image_size=32)
-    assert synthetic.patch_label_ceiling(config, 1, num_examples=10, mode="nearest") == 1.0
-    assert synthetic.patch_label_ceiling(config, 1, num_examples=10, mode="bilinear") == 1.0
-    at_4, at_8 = (synthetic.patch_label_ceiling(config, p, num_examples=30) for p in (4, 8))
+    assert world_program.patch_label_ceiling(config, 1, num_examples=10, mode="nearest") == 1.0
+    assert world_program.patch_label_ceiling(config, 1, num_examples=10, mode="bilinear") == 1.0
+    at_4, at_8 = (world_program.patch_label_ceiling(config, p, num_examples=30) for p in (4, 8))
     assert 0.4 < at_8 < at_4 < 1.0
     mask = np.zeros((8, 8), np.uint8)
     mask[:4, :5] = 3  # the top-left 4x4 patch is all 3; top-right has 4 of 16 pixels at 3
-    np.testing.assert_array_equal(synthetic.patch_majority_labels(mask, 4), [[3, 0], [0, 0]])
+    np.testing.assert_array_equal(world_program.patch_majority_labels(mask, 4), [[3, 0], [0, 0]])
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (6, 4, 3)])
@@ -230,3 +247,57 @@ def test_prepare_reads_back_exactly_and_is_reproducible(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic_tfds, "_CHUNK", 5)
     parallel = synthetic_tfds.prepare_synthetic(str(tmp_path / "b"), num_workers=2, **TINY)
     assert _record_bytes(parallel) == _record_bytes(path)
+
+
+def run_program(program, argv: list[str]) -> None:
+    """`python -m PROGRAM ARGV` in this process: its flags on their own FlagValues (the global
+    ones hold other programs' flags of the same names)."""
+    flag_values = flags.FlagValues()
+    program.define_flags(flag_values)
+    program.main(flag_values([program.__name__, *argv]), flag_values)
+
+
+def test_prepare_synthetic_program_takes_every_world_field_as_a_flag(tmp_path, capsys):
+    sizes = ["--train_size", "4", "--validation_size", "0", "--test_size", "2"]
+    run_program(
+        prepare_synthetic,
+        ["--data_dir", str(tmp_path), "--image_size", "32", "--max_rotation", "0.5", *sizes],
+    )
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    world = dict(image_size=32, max_rotation=0.5, train_size=4, validation_size=0, test_size=2)
+    path = synthetic_tfds.prepare_synthetic(str(tmp_path), **world)  # reused, not prepared again
+    assert printed.startswith(path + " (")
+    assert synthetic_tfds.SyntheticSegmentation(path).world == synthetic.WorldConfig(**world)
+
+    with pytest.raises(SystemExit, match=r"^error: image_size must be in \[16, 1024\], got 8$"):
+        run_program(prepare_synthetic, ["--data_dir", str(tmp_path), "--image_size", "8"])
+    with pytest.raises(SystemExit, match=r"^error: unexpected arguments \['32'\]$"):
+        run_program(prepare_synthetic, ["--data_dir", str(tmp_path), "32"])
+
+
+def test_world_program_prints_speed_ceilings_and_colour_scores(capsys):
+    run_program(world_program, ["--num_examples", "8", "--image_size", "32", "--patch_sizes", "8"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("generation (one process): ")
+    assert lines[1].startswith("patch 8, nearest: perfect-patch-label mIoU 0.")
+    assert lines[2].startswith("patch 8, bilinear: perfect-patch-label mIoU 0.")
+    assert lines[3].startswith("colour only: {'pixel_miou': ") and len(lines) == 4
+    with pytest.raises(SystemExit, match="^error: patch_size 5 does not divide image size 32$"):
+        run_program(world_program, ["--image_size", "32", "--patch_sizes", "5"])
+
+
+def test_prepare_synthetic_from_the_command_line(tmp_path):
+    """The real program, started as users start it (its own process, flags parsed by absl)."""
+    world = dict(image_size=16, train_size=3, validation_size=0, test_size=1)
+    result = subprocess.run(
+        [sys.executable, "-m", "mixreorg_jax.prepare_synthetic", f"--data_dir={tmp_path}"]
+        + [f"--{name}={value}" for name, value in world.items()],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    path = result.stdout.strip().splitlines()[-1].split(" (")[0]
+    assert path == synthetic_tfds.prepare_synthetic(str(tmp_path), **world)
+    assert len(tfds.builder_from_directory(path).as_data_source("train")) == 3

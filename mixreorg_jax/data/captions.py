@@ -20,14 +20,13 @@ skipped and counted, never fatal, and so is a damaged source file (its samples b
 are kept); the counts are logged and stored in the dataset's metadata (`skipped_corrupt_image`,
 `skipped_bad_caption`, `re_encoded_image`, `unreadable_source`, and per split under `counts`).
 
-Usage:
-  python -m mixreorg_jax.data.captions --source 'shards/{00000..00099}.tar' \
+From the command line:
+  python -m mixreorg_jax.prepare_captions --source 'shards/{00000..00099}.tar' \
       --data_dir ~/tensorflow_datasets --name cc12m --num_workers 16
 Read back with `tfds.builder_from_directory(f"{data_dir}/cc12m/1.0.0")` or
 `tfds.builder("cc12m", data_dir=data_dir)`, e.g. `.as_data_source("train")`.
 """
 
-import argparse
 import collections
 import csv
 import functools
@@ -35,7 +34,6 @@ import glob
 import io
 import itertools
 import json
-import logging
 import multiprocessing
 import os
 import re
@@ -45,6 +43,7 @@ import types
 from collections.abc import Iterator, Mapping, Sequence
 
 import tensorflow_datasets as tfds
+from absl import logging
 from PIL import Image
 
 from mixreorg_jax.data import words as words_lib
@@ -466,45 +465,3 @@ def prepare(
     )
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
     return str(builder.data_dir)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m mixreorg_jax.data.captions",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--source",
-        action="append",
-        required=True,
-        help="file pattern (brace ranges and globs); repeat for more",
-    )
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--name", required=True, help="dataset name, e.g. cc12m")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--num_workers", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    directory = prepare(
-        args.name,
-        {args.split: args.source},
-        data_dir=args.data_dir,
-        num_workers=args.num_workers,
-        overwrite=args.overwrite,
-    )
-    metadata = tfds.builder_from_directory(directory).info.metadata
-    print(
-        json.dumps(
-            {
-                "dir": directory,
-                **{k: metadata.get(k) for k in COUNT_NAMES[1:]},
-                "counts": metadata.get("counts"),
-            }
-        )
-    )
-
-
-if __name__ == "__main__":
-    main()

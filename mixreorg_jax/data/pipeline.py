@@ -101,7 +101,7 @@ def _version_dir(path: epath.Path) -> str:
     if not versions:
         raise FileNotFoundError(
             f"{path} is not a prepared TFDS dataset (no dataset_info.json in it or in a "
-            "version sub-directory); prepare one with `python -m mixreorg_jax.data.captions`"
+            "version sub-directory); prepare one with `python -m mixreorg_jax.prepare_captions`"
         )
     return str(versions[-1])
 

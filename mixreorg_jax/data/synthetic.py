@@ -31,31 +31,18 @@ The world is built so that segmentation has to come from SHAPE:
   object's class. `words` lists the singular shape nouns as written in the caption (the canonical
   class names unless `synonym_prob` > 0); `WORD_TO_CLASS` maps them back to class names.
 
-Measured (default world: 64 px, 8 classes, 1-3 objects; `python -m mixreorg_jax.data.synthetic`
-re-measures; the 2 CPU cores were shared with other jobs, load average 4-5):
-- Generation: 830-910 examples/s in one process (1.1 ms of CPU per example); PNG encoding adds
-  ~0.1 ms. Preparing the default dataset (50,000 + 1,000 + 1,000) took 86 s of CPU in all,
-  62 s wall with 2 workers (see synthetic_tfds).
-- Ceiling of perfect patch labels (each patch takes its majority true label; mIoU over
-  background + 8 classes, 2,000 test images), upsampled by repetition / bilinearly (one-hot maps,
-  then argmax, as the zero-shot protocol treats group maps):
-    patch 4 (16 x 16 grid): 0.855 / 0.871;  patch 8 (8 x 8 grid): 0.739 / 0.762;
-    with `image_size` 48 / 32 and patch 4 (1,000 images): 0.815 / 0.832 and 0.739 / 0.754.
-  (The prototype's 32 px world with 4 px patches: 0.64.) Thin parts (ring, crescent, star) lose
-  most; `min_scale` / `max_scale` trade this against crowding.
-- Colour alone does not give the class (fitted on 2,000 train images, scored on 500 test):
-  on object pixels, the majority train class of a pixel's colour bin (8^3 bins) is right for
-  0.136 of them, and the majority class of an object's mean-colour bin for 0.125 of objects,
-  against chance 0.125. Over all pixels that rule (background included) gets mIoU 0.157: colour
-  and brightness separate objects from background (background IoU 0.94) but not the classes
-  (object-class IoUs 0.02-0.09); predicting background everywhere gets 0.079.
+Measured (default world: 64 px, 8 classes, 1-3 objects; the 2 CPU cores were shared with other
+jobs, load average 4-5): generation runs at 830-910 examples/s in one process (1.1 ms of CPU per
+example); PNG encoding adds ~0.1 ms. Preparing the default dataset (50,000 + 1,000 + 1,000) took
+86 s of CPU in all, 62 s wall with 2 workers (see synthetic_tfds). The program
+`python -m mixreorg_jax.experiments.world` re-measures the speed, and what the world allows: the
+mIoU of a perfect patch labelling (the ceiling of patch-level segmentation), and how far a
+classifier that sees only colour gets (about chance; its docstring has the numbers).
 """
 
-import argparse
 import dataclasses
 import functools
 import math
-import time
 
 import numpy as np
 
@@ -618,172 +605,3 @@ def generate_example(index: int, split: str, config: WorldConfig = WorldConfig()
     else:  # every placement failed (possible only for crowded custom configs)
         caption, words = f"an empty {_BACKGROUND_WORDS[background_style][0]} background.", []
     return dict(image=image, mask=mask, caption=caption, words=words, objects=objects)
-
-
-# ---------------------------------------------------------------------------------------------
-# Diagnostics: what a perfect patch labelling and a colour-only classifier can reach.
-# ---------------------------------------------------------------------------------------------
-def mean_iou(confusion: np.ndarray) -> float:
-    """confusion: int[C, C] (true, predicted) summed over a dataset -> mean IoU over classes present."""
-    intersection = np.diag(confusion).astype(np.float64)
-    union = confusion.sum(0) + confusion.sum(1) - intersection
-    present = confusion.sum(1) > 0
-    return float(np.mean(intersection[present] / union[present]))
-
-
-def _confusion(true: np.ndarray, predicted: np.ndarray, num_labels: int) -> np.ndarray:
-    flat = true.astype(np.int64).ravel() * num_labels + predicted.astype(np.int64).ravel()
-    return np.bincount(flat, minlength=num_labels**2).reshape(num_labels, num_labels)
-
-
-def patch_majority_labels(mask: np.ndarray, patch_size: int) -> np.ndarray:
-    """uint8[S, S] -> uint8[S / p, S / p]: each patch's most frequent label (ties: lowest)."""
-    size = mask.shape[0]
-    if size % patch_size:
-        raise ValueError(f"patch_size {patch_size} does not divide image size {size}")
-    grid = size // patch_size
-    patches = mask.reshape(grid, patch_size, grid, patch_size).transpose(0, 2, 1, 3)
-    patches = patches.reshape(grid * grid, patch_size * patch_size).astype(np.int64)
-    num_labels = int(mask.max()) + 1
-    keys = np.arange(grid * grid)[:, None] * num_labels + patches
-    counts = np.bincount(keys.ravel(), minlength=grid * grid * num_labels)
-    majority = counts.reshape(grid * grid, num_labels).argmax(1).astype(np.uint8)
-    return majority.reshape(grid, grid)
-
-
-@functools.lru_cache(maxsize=16)
-def _bilinear_resize_matrix(out_size: int, in_size: int) -> np.ndarray:
-    """float64[out, in]: 1-D bilinear resize with half-pixel centres (align_corners=False)."""
-    source = np.maximum((np.arange(out_size) + 0.5) * in_size / out_size - 0.5, 0)
-    left = np.minimum(np.floor(source).astype(int), in_size - 1)
-    right = np.minimum(left + 1, in_size - 1)
-    frac = source - left
-    matrix = np.zeros((out_size, in_size))
-    np.add.at(matrix, (np.arange(out_size), left), 1 - frac)
-    np.add.at(matrix, (np.arange(out_size), right), frac)
-    return matrix
-
-
-def upsample_patch_labels(labels: np.ndarray, size: int, num_labels: int, mode: str) -> np.ndarray:
-    """uint8[g, g] patch labels -> uint8[size, size] pixel labels.
-
-    mode "nearest" repeats each patch's label; "bilinear" resizes the one-hot maps bilinearly and
-    takes the argmax, as the zero-shot protocol does with group assignments (smoother borders).
-    """
-    grid = labels.shape[0]
-    if mode == "nearest":
-        return np.repeat(np.repeat(labels, size // grid, 0), size // grid, 1)
-    if mode != "bilinear":
-        raise ValueError(f"Unknown upsampling mode {mode!r}; known: 'nearest', 'bilinear'")
-    resize = _bilinear_resize_matrix(size, grid)
-    one_hot = np.eye(num_labels)[labels]  # [g, g, L]
-    scores = np.einsum("yg,ghl,xh->yxl", resize, one_hot, resize)
-    return scores.argmax(-1).astype(np.uint8)
-
-
-def patch_label_ceiling(
-    config: WorldConfig,
-    patch_size: int,
-    num_examples: int = 500,
-    split: str = "test",
-    mode: str = "bilinear",
-) -> float:
-    """mIoU of the perfect patch labelling (majority true label per patch, upsampled)."""
-    num_labels = config.num_classes + 1
-    confusion = np.zeros((num_labels, num_labels), np.int64)
-    for index in range(num_examples):
-        mask = generate_example(index, split, config)["mask"]
-        labels = patch_majority_labels(mask, patch_size)
-        predicted = upsample_patch_labels(labels, config.image_size, num_labels, mode)
-        confusion += _confusion(mask, predicted, num_labels)
-    return mean_iou(confusion)
-
-
-def colour_only_baseline(
-    config: WorldConfig, num_train: int = 2000, num_test: int = 500, bins: int = 8
-) -> dict[str, float]:
-    """Classifiers that see only colour (majority rule per colour bin), fitted on train, scored on test.
-
-    - pixel: each pixel's label = the most frequent train label of its colour bin (bins^3 bins);
-      returns its mIoU and that of predicting background everywhere.
-    - foreground pixel accuracy: the same, restricted to object pixels and object classes, vs 1/C.
-    - object accuracy: an object's class = the most frequent train class of its mean-colour bin.
-    """
-    num_labels = config.num_classes + 1
-
-    def colour_bins(pixels):
-        q = np.minimum(pixels.astype(np.int64) * bins // 256, bins - 1)
-        return (q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]
-
-    def examples(split, count):
-        for index in range(count):
-            example = generate_example(index, split, config)
-            yield example, colour_bins(example["image"])
-
-    pixel_counts = np.zeros((bins**3, num_labels), np.int64)
-    object_counts = np.zeros((bins**3, num_labels), np.int64)
-    for example, bin_map in examples("train", num_train):
-        keys = bin_map.ravel() * num_labels + example["mask"].ravel()
-        pixel_counts += np.bincount(keys, minlength=pixel_counts.size).reshape(pixel_counts.shape)
-        for bin_id, class_id in _object_mean_colour_bins(example, colour_bins):
-            object_counts[bin_id, class_id] += 1
-    pixel_rule = pixel_counts.argmax(1)
-    foreground_rule = pixel_counts[:, 1:].argmax(1) + 1
-    object_rule = object_counts[:, 1:].argmax(1) + 1
-
-    confusion = np.zeros((num_labels, num_labels), np.int64)
-    background_confusion = np.zeros_like(confusion)
-    foreground_hits = foreground_total = object_hits = object_total = 0
-    for example, bin_map in examples("test", num_test):
-        mask = example["mask"]
-        confusion += _confusion(mask, pixel_rule[bin_map], num_labels)
-        background_confusion += _confusion(mask, np.zeros_like(mask), num_labels)
-        foreground = mask > 0
-        foreground_hits += int((foreground_rule[bin_map][foreground] == mask[foreground]).sum())
-        foreground_total += int(foreground.sum())
-        for bin_id, class_id in _object_mean_colour_bins(example, colour_bins):
-            object_hits += int(object_rule[bin_id] == class_id)
-            object_total += 1
-    return dict(
-        pixel_miou=mean_iou(confusion),
-        all_background_miou=mean_iou(background_confusion),
-        foreground_pixel_accuracy=foreground_hits / foreground_total,
-        object_accuracy=object_hits / object_total,
-        chance_accuracy=1 / config.num_classes,
-    )
-
-
-def _object_mean_colour_bins(example, colour_bins):
-    """Yields (bin of an object's mean visible colour, class id) for objects alone in their class."""
-    mask, image = example["mask"], example["image"]
-    class_ids = [obj["class_id"] for obj in example["objects"]]
-    for class_id in class_ids:
-        if class_ids.count(class_id) == 1:  # same-class objects share mask pixels
-            yield int(colour_bins(image[mask == class_id].mean(0))), class_id
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Measure the synthetic world's properties.")
-    parser.add_argument("--num_examples", type=int, default=2000)
-    parser.add_argument("--image_size", type=int, default=WorldConfig.image_size)
-    parser.add_argument("--patch_sizes", type=int, nargs="+", default=[4, 8])
-    args = parser.parse_args(argv)
-    config = WorldConfig(image_size=args.image_size)
-    wall, cpu = time.perf_counter(), time.process_time()
-    for index in range(args.num_examples):
-        generate_example(index, "train", config)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(
-        f"generation (one process): {args.num_examples / wall:.0f} examples/s wall, "
-        f"{1e3 * cpu / args.num_examples:.2f} ms CPU per example"
-    )
-    for patch_size in args.patch_sizes:
-        for mode in ("nearest", "bilinear"):
-            ceiling = patch_label_ceiling(config, patch_size, args.num_examples, mode=mode)
-            print(f"patch {patch_size}, {mode}: perfect-patch-label mIoU {ceiling:.3f}")
-    baseline = colour_only_baseline(config, args.num_examples, args.num_examples // 4)
-    print("colour only:", {k: round(v, 3) for k, v in baseline.items()})
-
-
-if __name__ == "__main__":
-    main()

@@ -8,8 +8,11 @@ id. Training reads image/caption/words; evaluation reads image/label/id through
 
 The config name is a readable summary plus a hash of every WorldConfig field, so changing any
 parameter prepares a new dataset beside the old one, and an existing one is reused as is.
+Training prepares its world on first use (`prepare_synthetic_world`); the program
 
-    python -m mixreorg_jax.data.synthetic_tfds --data_dir DIR [--image_size 48 --train_size 1000]
+    python -m mixreorg_jax.prepare_synthetic --data_dir DIR [--image_size 48 --train_size 1000]
+
+prepares one ahead of time.
 
 Measured on the 2 CPU cores shared with other jobs (load average ~2.5), `--num_workers 2`: the
 default dataset (50,000 + 1,000 + 1,000 examples, 581 MB) took 62 s wall and 86 s of CPU over
@@ -18,14 +21,12 @@ the parent (TFDS serialisation and writing, ~0.5 ms per example) and the two wor
 appears to hold a split in memory: mind this for much larger splits). Reusing a prepared dataset takes milliseconds.
 """
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
 import struct
-import time
 import zlib
 
 import jax
@@ -120,11 +121,7 @@ class SyntheticWorldConfig(tfds.core.BuilderConfig):
         self.world = world
 
 
-# Under `python -m` this file also runs as __main__ (and as __mp_main__ in spawned workers); only
-# the package module registers the dataset name, and TFDS can only locate that one's package.
-class SyntheticWorld(
-    tfds.core.GeneratorBasedBuilder, skip_registration=__name__ in ("__main__", "__mp_main__")
-):
+class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
     """Shapes on textured backgrounds with captions and exact masks (see `synthetic`)."""
 
     name = DATASET_NAME
@@ -278,23 +275,3 @@ class SyntheticSegmentation:
 
     def __repr__(self) -> str:
         return f"SyntheticSegmentation(split={self.split!r}, n={len(self)}, world={self.world})"
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--num_workers", type=int, default=None)
-    for field in dataclasses.fields(synthetic.WorldConfig):
-        parser.add_argument(f"--{field.name}", type=type(field.default), default=None)
-    args = vars(parser.parse_args(argv))
-    data_dir, num_workers = args.pop("data_dir"), args.pop("num_workers")
-    overrides = {k: v for k, v in args.items() if v is not None}
-    start = time.perf_counter()
-    path = prepare_synthetic(data_dir, num_workers=num_workers, **overrides)
-    print(f"{path} ({time.perf_counter() - start:.1f} s)")
-
-
-if __name__ == "__main__":
-    from mixreorg_jax.data import synthetic_tfds  # pylint: disable=import-self
-
-    synthetic_tfds.main()

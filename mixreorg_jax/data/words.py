@@ -1,6 +1,6 @@
 """Candidate words of a caption for the multi-label contrastive loss: its nouns and verbs.
 
-GroupViT tags each caption with NLTK and keeps the words tagged NN, NNS, NNP or VB* (method.md §1).
+GroupViT tags each caption with NLTK and keeps the words tagged NN, NNS, NNP or VB* (docs/method.md §1).
 Here that happens once, when a dataset is prepared (`data/captions.py`), and the words are stored
 with the example, so training never runs the tagger.
 
@@ -29,13 +29,17 @@ def _word_tokenizer() -> nltk.tokenize.NLTKWordTokenizer:
     return nltk.tokenize.NLTKWordTokenizer()
 
 
+class MissingTaggerData(RuntimeError):
+    """NLTK's tagger data is not installed; the message says how to install it."""
+
+
 @functools.cache
 def nltk_tagger() -> Tagger:
     """NLTK's English perceptron tagger; a clear error saying how to install its data if missing."""
     try:
         return nltk.tag.PerceptronTagger().tag
     except LookupError as e:
-        raise RuntimeError(
+        raise MissingTaggerData(
             f"NLTK's part-of-speech tagger data ('{TAGGER_RESOURCE}', for nltk {nltk.__version__})"
             " is not installed. Install it with:\n"
             f"  python -m nltk.downloader {TAGGER_RESOURCE}\n"
