@@ -1,4 +1,4 @@
-r"""MixReorg: GroupViT plus mixed patch reorganisation (method.md §4).
+r"""MixReorg: GroupViT plus mixed patch reorganisation (docs/method.md §4).
 
 Variants (`configs/mixreorg.py:VARIANT`): paper, demo (default), tiny.
 
@@ -23,10 +23,10 @@ def get_config(arg=None):
     c.mix.contextual_depth = 0
     c.mix.progressive_weight = 0.0
     c.mix.progressive_mode = "add"
-    # The loss weights are the base config's (method.md §4: every term at 1.0, the mixed images
-    # against their group's captions), which the demo variant changes; its mixed-segmentation
-    # loss, the one term that reads the mixed branch, weighs 4 (measured against 1 and 2:
-    # docs/synthetic_learnability.md §14).
+    # The loss weights are the base config's (docs/method.md §4: every term at 1.0, the mixed
+    # images against their group's captions), which the demo variant changes; its
+    # mixed-segmentation loss, the one term that reads the mixed branch, weighs 4 (measured
+    # against 1 and 2: docs/synthetic_learnability.md §14).
     if variant == "demo":
         c.loss.mixseg = 4.0
     return c

@@ -1,4 +1,4 @@
-"""Training losses of GroupViT and MixReorg as pure jnp functions (method.md §1 and §4).
+"""Training losses of GroupViT and MixReorg as pure jnp functions (docs/method.md §1 and §4).
 
 All losses are written over the arrays they are given: inside `jit` with batch-sharded global
 arrays they are the global-batch losses GroupViT gets from its all-gathers, with nothing written
@@ -150,19 +150,6 @@ def multi_label_contrastive_loss(image_emb, prompt_emb, log_scale, prompt_ids=No
     return 0.5 * (image_side.mean() + text_side.mean())
 
 
-def _check_segments_and_prompts(loss_name, segment_emb, prompt_emb):
-    if (
-        segment_emb.ndim != 3
-        or prompt_emb.ndim != 3
-        or prompt_emb.shape[0] != segment_emb.shape[0]
-        or prompt_emb.shape[2] != segment_emb.shape[2]
-    ):
-        raise ValueError(
-            f"{loss_name} wants segment_emb [B, S, D] and prompt_emb [B, P, D], got "
-            f"{segment_emb.shape} and {prompt_emb.shape}."
-        )
-
-
 def segment_retrieval_loss(segment_emb, prompt_emb, log_scale, prompt_ids=None):
     """Each prompt retrieves its images' best-matching segments among all segments (ours).
 
@@ -184,7 +171,16 @@ def segment_retrieval_loss(segment_emb, prompt_emb, log_scale, prompt_ids=None):
     Returns:
       [] float32 cross-entropy averaged over the B*P prompts.
     """
-    _check_segments_and_prompts("segment_retrieval_loss", segment_emb, prompt_emb)
+    if (
+        segment_emb.ndim != 3
+        or prompt_emb.ndim != 3
+        or prompt_emb.shape[0] != segment_emb.shape[0]
+        or prompt_emb.shape[2] != segment_emb.shape[2]
+    ):
+        raise ValueError(
+            "segment_retrieval_loss wants segment_emb [B, S, D] and prompt_emb [B, P, D], got "
+            f"{segment_emb.shape} and {prompt_emb.shape}."
+        )
     batch, num_segments, _ = segment_emb.shape
     num_prompts = prompt_emb.shape[1]
     # [B captions, P prompts, B images, S segments]
@@ -201,59 +197,10 @@ def segment_retrieval_loss(segment_emb, prompt_emb, log_scale, prompt_ids=None):
     return (-(targets * log_probs).sum(-1) / targets.sum(-1)).mean()
 
 
-def unmatched_segment_loss(segment_emb, prompt_emb, log_scale, prompt_ids=None):
-    """Segments that none of their image's prompts picks match every prompt equally (ours).
-
-    The zero-shot evaluation calls a pixel background when its segment's class probabilities are
-    all low, i.e. spread evenly over the classes; nothing else in training asks that of the
-    segments that show no named object. Here each image's own (word) prompts pick their
-    best-matching segments, as in `segment_retrieval_loss` (chosen without gradient); each other
-    segment is scored against all of the batch's word prompts, and the loss is the KL divergence
-    from the uniform distribution over those prompts to the segment's softmax: zero when the
-    segment is equally similar to every prompt. Prompts of one word embed alike, so this is
-    evenness over the batch's words, each weighted by how often it occurs.
-
-    The logit scale only sets how sharp the softmax is: it is the evaluation's (the model's) and
-    gets no gradient here, so the term cannot make every segment unconfident by lowering it.
-
-    Args:
-      segment_emb: [B, S, D] L2-normalised segment embeddings.
-      prompt_emb: [B, P, D] L2-normalised embeddings of each image's P prompts.
-      log_scale: [] the model's log logit scale (clamped at 100; no gradient).
-      prompt_ids: optional int[B, P] word ids; prompts with a negative id (the caption standing in
-        for a missing word) are left out, both as pickers and from the softmax.
-
-    Returns:
-      [] float32 KL divergence averaged over the unmatched segments (0 if there are none).
-    """
-    _check_segments_and_prompts("unmatched_segment_loss", segment_emb, prompt_emb)
-    segment_emb = segment_emb.astype(jnp.float32)
-    prompt_emb = prompt_emb.astype(jnp.float32)
-    batch, num_segments, _ = segment_emb.shape
-    words = (
-        jnp.ones(prompt_emb.shape[:2], bool) if prompt_ids is None else jnp.asarray(prompt_ids) >= 0
-    )
-    # [B images, S segments, B captions, P prompts]
-    sims = jnp.einsum("isd,cpd->iscp", segment_emb, prompt_emb, precision=_HIGHEST)
-    own = sims[jnp.arange(batch), :, jnp.arange(batch)]  # [B, S, P]: each image's own prompts
-    picked = jax.nn.one_hot(jnp.argmax(jax.lax.stop_gradient(own), axis=1), num_segments)
-    unmatched = 1.0 - (picked * words[..., None]).max(axis=1)  # [B, S]
-    logits = sims * jax.lax.stop_gradient(logit_scale(log_scale))
-    valid = words.reshape(-1)
-    num_valid = valid.sum()
-    # A large finite mask, not -inf: a batch without any word prompt stays NaN-free (loss 0).
-    log_probs = jax.nn.log_softmax(
-        jnp.where(valid, logits.reshape(batch, num_segments, -1), -1e9), axis=-1
-    )
-    mean_log_prob = jnp.where(valid, log_probs, 0.0).sum(-1) / jnp.maximum(num_valid, 1)
-    kl = -mean_log_prob - jnp.log(jnp.maximum(num_valid, 1).astype(jnp.float32))
-    return (unmatched * kl).sum() / jnp.maximum(unmatched.sum(), 1.0)
-
-
 def mixed_segmentation_loss(
     assignment, segment_emb, text_emb, source, log_scale, *, group_size, negatives="group"
 ):
-    """MixReorg's patch -> caption loss on the mixed images (method.md §4, L_mixseg).
+    """MixReorg's patch -> caption loss on the mixed images (docs/method.md §4, L_mixseg).
 
     For mixed image m the patch -> caption logits are A[m] @ (S[m] @ T^T) * scale, and each patch
     is classified against the caption its token came from. Images are mixed in consecutive groups

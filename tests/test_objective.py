@@ -1,4 +1,4 @@
-"""The training objective's optional terms, on the tiny model."""
+"""The training objective's table of loss terms and the MixReorg forward, on the tiny model."""
 
 import functools
 import pathlib
@@ -120,17 +120,6 @@ def test_mixseg_soft_assignment_chains_the_soft_assignments():
     with pytest.raises(ValueError, match="'hard' or 'soft'"):
         mixseg_and_grads("gumbel")
 
-    # Against the images' word prompts instead of their captions: encoded for it even with the
-    # multi-label loss off, and their text-tower gradients reach the token embedding.
-    config.loss.mixseg_assignment, config.loss.mixseg_text = "soft", "prompts"
-    prompts, prompt_grads = mixseg_and_grads("soft")
-    assert np.isfinite(prompts) and abs(prompts - soft) > 1e-4
-    token_embedding = prompt_grads["model"]["text"]["token_embedding"]["embedding"]
-    assert np.abs(np.asarray(token_embedding)).max() > 0
-    config.loss.mixseg_text = "nouns"
-    with pytest.raises(ValueError, match="'caption' or 'prompts'"):
-        mixseg_and_grads("soft")
-
 
 def test_restore_weight_zero_skips_the_restored_branch():
     config, model, variables, params, batch = tiny_mixreorg()
@@ -141,31 +130,22 @@ def test_restore_weight_zero_skips_the_restored_branch():
     )
     forward = lambda restored: fast_jit(
         lambda v: model.apply(
-            v, image, plan, train=False, restored=restored, method=mixreorg.mixreorg_image_forward
+            v,
+            image,
+            plan,
+            config.mix,
+            train=False,
+            restored=restored,
+            method=mixreorg.image_forward,
         )
     )(variables)
     three, two = forward(True), forward(False)
-    assert set(three) == {"original", "mixed", "restored"} and set(two) == {"original", "mixed"}
-    for branch in two:
-        np.testing.assert_allclose(
-            two[branch]["segments"], three[branch]["segments"], rtol=1e-4, atol=1e-5
-        )
+    assert "restored_image" in three and set(two) == set(three) - {"restored_image"}
+    for name in ("image", "mixed_segments"):
+        np.testing.assert_allclose(two[name], three[name], rtol=1e-4, atol=1e-5)
     config.loss.restore = 0.0
     terms, _ = loss_terms_and_grads(config, model, variables, params, batch)
     assert "restore" not in terms and {"contrastive", "mixseg"} <= set(terms)
-
-
-def test_word_text_averages_the_word_prompts_only():
-    emb = np.random.default_rng(0).normal(size=(3, 3, 4)).astype(np.float32)
-    ids = np.array([[5, -1, -1], [5, 6, -1], [-1, -1, -1]], np.int32)
-    got = np.asarray(objective._word_text({"prompt_ids": ids}, emb))
-    want = [emb[0, 0], emb[1, 0] + emb[1, 1], emb[2].sum(0)]  # no word: every prompt
-    want = np.stack([w / np.linalg.norm(w) for w in want])
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    everything = np.asarray(objective._word_text({}, emb))
-    np.testing.assert_allclose(
-        everything, emb.sum(1) / np.linalg.norm(emb.sum(1), axis=1, keepdims=True), rtol=1e-5
-    )
 
 
 def test_multi_label_logit_scale_starts_at_the_models_initial_scale():
@@ -203,16 +183,6 @@ def test_segment_terms_score_prompts_by_the_original_branchs_segments(mix, term)
     assert np.abs(np.asarray(token_embedding)).max() > 0
 
 
-def test_unmatched_segments_term_trains_segments_and_text_but_not_the_scale():
-    config, model, variables, params, batch = tiny_groupvit()
-    config.loss.update(contrastive=0.0, multi_label=0.0, unmatched_segments=1.0)
-    terms, grads = loss_terms_and_grads(config, model, variables, params, batch)
-    assert float(terms["unmatched_segments"]) > 0
-    assert np.abs(grouping_key_grad(grads)).max() > 0
-    assert np.abs(np.asarray(grads["model"]["text"]["token_embedding"]["embedding"])).max() > 0
-    assert float(grads["model"]["logit_scale"]) == 0
-
-
 def test_share_temperature_puts_the_multi_label_terms_on_the_image_text_scale():
     config, model, variables, params, batch = tiny_groupvit()
     config.loss.update(contrastive=0.0, segment_multi_label=1.0)
@@ -227,30 +197,54 @@ def test_share_temperature_puts_the_multi_label_terms_on_the_image_text_scale():
     assert float(grads["model"]["logit_scale"]) != 0
 
 
-def test_mixed_multi_label_scores_the_mixed_segments_against_their_groups_prompts():
-    config, model, variables, params, batch = tiny_mixreorg()
-    config.loss.update(
-        contrastive=0.0, multi_label=0.0, restore=0.0, mixseg=0.0, mixed_multi_label=1.0
+def logged_names(config_file, batch_size=4, **loss):
+    """The names `loss_fn` logs for a config (shapes only: traced, never compiled)."""
+    config = train_config.from_file(f"{REPO}/configs/{config_file}")
+    config.loss.update(loss)
+    model = groupvit.GroupViT(config.model)
+    variables = jax.eval_shape(
+        lambda k: groupvit.init_variables(config.model, k), jax.random.key(0)
     )
-
-    def terms_and_grads(batch, positives="own"):
-        config.loss.multi_label_positives = positives
-        return loss_terms_and_grads(config, model, variables, params, batch)
-
-    terms, grads = terms_and_grads(batch)
-    assert "mixed_multi_label" in terms
-    own = float(terms["mixed_multi_label"])
-    assert np.isfinite(own)
-    assert np.abs(grouping_key_grad(grads)).max() > 0
-    assert np.abs(np.asarray(grads["model"]["text"]["token_embedding"]["embedding"])).max() > 0
-    # A prompt is a positive of both mixed images of its group, not a negative of its partner:
-    # word ids that are all different give the same loss as "own", shared words a different one.
-    unique = dict(batch, prompt_ids=np.arange(12, dtype=np.int32).reshape(4, 3))
-    same_word = float(terms_and_grads(unique, "same_word")[0]["mixed_multi_label"])
-    np.testing.assert_allclose(same_word, own, rtol=1e-5)
-    shared = dict(
-        batch, prompt_ids=np.array([[1, 2, -1], [1, 3, -1], [2, 4, 5], [6, 1, 8]], np.int32)
+    params = {
+        "model": variables["params"],
+        **objective.init_extra_params(config.model.logit_scale_init),
+    }
+    batch = benchmark.random_batch(config, np.random.default_rng(0), batch_size)
+    loss = lambda p, s: objective.loss_fn(
+        p, s, batch, jax.random.key(1), model=model, config=config
     )
-    assert abs(float(terms_and_grads(shared, "same_word")[0]["mixed_multi_label"]) - own) > 1e-4
-    config.mix.enabled = False  # GroupViT has no mixed images: no term.
-    assert "mixed_multi_label" not in terms_and_grads(batch)[0]
+    return set(jax.eval_shape(loss, params, variables["batch_stats"])[1][0])
+
+
+def test_shipped_configs_log_their_weighted_terms_and_the_monitored_ones():
+    image_text = {"contrastive", "multi_label", "total", "logit_scale"}
+    demo = image_text | {"group_balance", "segment_multi_label", "segment_retrieval"}
+    assert logged_names("groupvit.py:tiny") == image_text
+    assert logged_names("mixreorg.py:tiny") == image_text | {"restore", "mixseg"}
+    assert logged_names("groupvit.py:demo") == demo
+    assert logged_names("mixreorg.py:demo") == demo | {"mixseg"}
+    # Weight 0 drops a term, except the caption alignment and the mixed-segmentation loss,
+    # which read only what the forward computes anyway.
+    assert logged_names("mixreorg.py:tiny", contrastive=0.0, restore=0.0, mixseg=0.0) == (
+        image_text | {"mixseg"}
+    )
+    assert "restore" not in logged_names("groupvit.py:tiny", restore=1.0)  # no mixing, no term
+
+
+def test_mixreorg_forward_rejects_bad_mix_settings():
+    config, model, variables, _, batch = tiny_mixreorg()
+    grid = (batch["image"].shape[1] // config.model.patch_size,) * 2
+    plan = mixreorg.mixing_plan(jax.random.key(0), config.mix, 4, grid)
+    forward = lambda mix: jax.eval_shape(
+        lambda v: model.apply(
+            v, batch["image"], plan, mix, train=False, method=mixreorg.image_forward
+        ),
+        variables,
+    )
+    settings = config.mix.to_dict()
+    depth = config.model.depths[0]
+    assert "mixed_assignment" in forward(settings)  # a plain dict is the same settings
+    with pytest.raises(ValueError, match="progressive_mode must be 'add' or 'average'"):
+        forward({**settings, "progressive_mode": "sum"})
+    with pytest.raises(ValueError, match=rf"depth={depth + 1} must lie in \[0, {depth}\]"):
+        forward({**settings, "contextual_depth": depth + 1})

@@ -25,7 +25,7 @@ A model that has learnt the classes at the image level but not at the segment le
 on the second and low on the third.
 
 With `--mixing`, also MixReorg's mixed branch (evaluation mode, one mixing plan of the
-workdir's `mix` settings, the base config's (method.md §4) for a model without them):
+workdir's `mix` settings, the base config's (docs/method.md §4) for a model without them):
 
   mixed_segment_source_purity
                         for each final segment of a mixed image, the share of its patches that
@@ -36,8 +36,8 @@ workdir's `mix` settings, the base config's (method.md §4) for a model without 
   mixed_patch_accuracy_object, mixed_patch_accuracy_background
                         of the object (background) patches of mixed images whose sources differ
                         in classes, the fraction whose segment matches their own source best
-                        among the group's sources (each scored by the mean of its class prompts),
-                        the task of the mixed-segmentation loss with `loss.mixseg_text=prompts`
+                        among the group's sources (each scored by the mean of its class prompts):
+                        the mixed-segmentation loss's task, with class prompts for captions
 """
 
 import json
@@ -51,7 +51,7 @@ from etils import epath
 import mixreorg_jax
 from mixreorg_jax.data import synthetic
 from mixreorg_jax.models import mixreorg
-from mixreorg_jax.ops import mixing, segmentation
+from mixreorg_jax.ops import segmentation
 from mixreorg_jax.training import config as train_config
 
 
@@ -146,8 +146,8 @@ def majority_share(owner, source) -> list[float]:
 def diagnose_mixing(
     model: "mixreorg_jax.Model", world: synthetic.WorldConfig, mix: dict, num_images: int = 256
 ) -> dict:
-    """The `--mixing` numbers of the module docstring; `mix` as the train config's `mix` (a
-    dict)."""
+    """The `--mixing` numbers of the module docstring; `mix`: the train config's `mix` settings
+    (a dict), as `models.mixreorg.image_forward` takes them."""
     k = mix["group_size"]
     if num_images < k:
         raise ValueError(f"--mixing needs at least one group of {k} images, got {num_images}")
@@ -156,26 +156,11 @@ def diagnose_mixing(
         world, num_images, model.config.patch_size
     )
     grid = (world.image_size // model.config.patch_size,) * 2
-    plan, other = (
-        mixing.mixing_plan(jax.random.key(i), num_images, grid, k, mix["block_size"])
-        for i in (0, 1)
-    )
+    plan, other = (mixreorg.mixing_plan(jax.random.key(i), mix, num_images, grid) for i in (0, 1))
 
     def mixed_segments(module, x):
-        mixed = mixreorg.mixreorg_image_forward(
-            module,
-            x,
-            plan,
-            contextual_depth=mix["contextual_depth"],
-            progressive_weight=mix["progressive_weight"],
-            progressive_mode=mix["progressive_mode"],
-            train=False,
-            restored=False,
-        )["mixed"]
-        return (
-            module.project_segments(mixed["segments"]),
-            segmentation.chain_assignments(mixed["hard_assignments"]),
-        )
+        out = mixreorg.image_forward(module, x, plan, mix, train=False, restored=False)
+        return out["mixed_segments"], out["mixed_assignment"]["hard"]
 
     segments, assignment = jax.jit(lambda v, x: model.module.apply(v, x, method=mixed_segments))(
         model.variables, jnp.asarray(images)
@@ -228,7 +213,7 @@ def run(
         raise SystemExit(f"error: {e}") from None
     result = dict(model=path, **diagnose(model, world, num_images))
     if with_mixing:
-        # The base config's mixing (method.md §4) where the workdir does not say how it mixed.
+        # The base config's mixing (docs/method.md §4) where the workdir does not say how it mixed.
         mix = {**train_config.base_config().mix.to_dict(), **trained.get("mix", {})}
         try:
             result.update(diagnose_mixing(model, world, mix, num_images))

@@ -62,50 +62,33 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # MixReorg (method.md §4); enabled=False is plain GroupViT training.
+    # MixReorg (docs/method.md §4).
     c.mix = ml_collections.ConfigDict(
         dict(
-            enabled=True,
-            group_size=2,
-            block_size=1,
-            contextual_depth=1,
-            progressive_weight=1.0,
-            progressive_mode="add",
+            enabled=True,  # False: plain GroupViT training
+            group_size=2,  # K, images mixed together
+            block_size=1,  # one permutation per block_size x block_size patches
+            contextual_depth=1,  # Lc, stage-1 blocks run on the original images before mixing
+            progressive_weight=1.0,  # lambda of progressive mixing; 0 turns it off
+            progressive_mode="add",  # or "average": divided by 1 + lambda
         )
     )
 
-    # Loss weights; a weight of 0 skips the term. group_balance (ours, losses.group_balance_loss):
-    # confident token -> group assignments and evenly used groups, against grouping collapse.
-    # multi_label_positives: "own" (GroupViT: an image's own prompts) or "same_word" (ours: also
-    # other images' prompts of the same word; losses.multi_label_contrastive_loss).
-    # mixseg_assignment: the patch -> segment assignment of the mixed-segmentation loss, the chain
-    # of the grouping stages' "hard" (method.md: gumbel straight-through) or "soft" (ours) ones.
-    # mixseg_text: what each patch is classified against, its source image's "caption"
-    # (method.md) or the mean of its word "prompts" (ours; the multi-label loss's prompts).
-    # segment_multi_label (ours): the multi-label loss with each image-prompt score taken from the
-    # image's best-matching final segment instead of its pooled embedding; mixed_multi_label
-    # (ours): the same on the mixed images' segments against all their group's prompts;
-    # segment_retrieval (ours): each prompt against all segments (losses.segment_retrieval_loss);
-    # unmatched_segments (ours): segments no prompt of their image picks match all prompts
-    # equally, the evaluation's background (losses.unmatched_segment_loss). share_temperature
-    # (GroupViT's option): the multi-label terms use the image-text logit scale, the evaluation's,
-    # instead of their own.
+    # Loss weights (the terms of training/objective.py's TERMS; a weight of 0 skips the term) and
+    # their settings (docs/method.md §4; "ours": this project's options, off here).
     c.loss = ml_collections.ConfigDict(
         dict(
-            contrastive=1.0,
-            multi_label=1.0,
-            multi_label_positives="own",
-            restore=1.0,
-            mixseg=1.0,
-            mixseg_negatives="group",
-            mixseg_assignment="hard",
-            mixseg_text="caption",
-            group_balance=0.0,
-            segment_multi_label=0.0,
-            mixed_multi_label=0.0,
-            segment_retrieval=0.0,
-            unmatched_segments=0.0,
-            share_temperature=False,
+            contrastive=1.0,  # image-text InfoNCE on the original branch (L_orig)
+            multi_label=1.0,  # GroupViT's multi-label contrastive loss (L_orig)
+            multi_label_positives="own",  # or "same_word" (ours): also others' prompts of a word
+            restore=1.0,  # image-text InfoNCE on the restored branch (L_restore)
+            mixseg=1.0,  # mixed patches classified by their source caption (L_mixseg)
+            mixseg_negatives="group",  # L_mixseg's captions: the group's K, or the "batch"'s
+            mixseg_assignment="hard",  # chain of straight-through assignments, or "soft" (ours)
+            group_balance=0.0,  # ours, against grouping collapse (losses.group_balance_loss)
+            segment_multi_label=0.0,  # ours: multi-label scores from the best-matching segment
+            segment_retrieval=0.0,  # ours: each prompt against all segments of the batch
+            share_temperature=False,  # GroupViT's option: multi-label on the image-text scale
         )
     )
 
