@@ -322,6 +322,35 @@ def group_balance_loss(soft_assignments):
     return jnp.mean(jnp.stack(per_stage))
 
 
+def classification_loss(features, labels, kernel, bias):
+    """Image-level multi-label classification: sigmoid cross-entropy, averaged over classes.
+
+    The features are standardised over the batch before the linear head, as the model's
+    projectors do with their BatchNorm: LayerNorm-ed token means share a large image-independent
+    part that a plain linear head is slow to see past.
+
+    Args:
+      features: [B, C] image features (the mean of the stage-1 patch tokens).
+      labels: [B, K] float 0/1, which classes each image shows.
+      kernel, bias: [C, K] and [K], the head.
+
+    Returns:
+      [] float32 loss.
+    """
+    if labels.shape != (features.shape[0], kernel.shape[1]):
+        raise ValueError(
+            f"labels {labels.shape} do not fit {features.shape[0]} images and a head of "
+            f"{kernel.shape[1]} classes"
+        )
+    features = features.astype(jnp.float32)
+    mean = jnp.mean(features, axis=0)
+    variance = jnp.mean(jnp.square(features - mean), axis=0)
+    logits = (features - mean) * jax.lax.rsqrt(variance + 1e-5) @ kernel + bias
+    # log(1 + exp(-|x|)) + max(x, 0) - x y: stable for logits of either sign.
+    per_class = jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    return jnp.mean(per_class)
+
+
 def total_loss(terms, weights: Mapping[str, float]):
     """Weighted sum of named loss terms, and everything worth logging.
 

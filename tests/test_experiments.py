@@ -1,6 +1,5 @@
 """The synthetic benchmark's driver: run configs, the results table and the plots."""
 
-import functools
 import json
 
 import jax
@@ -105,83 +104,6 @@ def test_main_writes_results_table_and_plots(tmp_path, monkeypatch):
         pytest.raises(SystemExit, match="unknown runs"),
     ):
         synthetic.main(["synthetic"])
-
-
-def test_probe_trains_each_readout_and_reports_held_out_accuracy():
-    from mixreorg_jax.data import synthetic as world_lib
-    from mixreorg_jax.experiments import probe
-    from mixreorg_jax.models import presets
-
-    config = presets.get_model_config("tiny")
-    world = world_lib.WorldConfig(image_size=32, class_texture_prob=1.0)
-    images, presence = probe.make_batch(world, "train", 0, 4)
-    assert images.shape == (4, 32, 32, 3) and presence.shape == (4, 8)
-    assert all(presence[i].sum() >= 1 for i in range(4))
-    for readout, head in [
-        ("pooled", "batchnorm"),
-        ("segments1", "batchnorm"),
-        ("patch_mean", "linear"),
-    ]:
-        records = probe.run(
-            config,
-            world,
-            readout=readout,
-            head=head,
-            lr=1e-3,
-            steps=2,
-            batch_size=4,
-            log_every=1,
-            held_out_size=4,
-            jit=functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0}),
-        )
-        assert [r["step"] for r in records] == [1, 2]
-        assert all(
-            0 <= r["held_out_top_class_present"] <= 1 and np.isfinite(r["loss"]) for r in records
-        )
-
-
-def test_probe_exports_a_model_that_model_init_loads(tmp_path):
-    from mixreorg_jax.data import synthetic as world_lib
-    from mixreorg_jax.experiments import probe
-    from mixreorg_jax.models import groupvit, presets
-    from mixreorg_jax.training import checkpointing
-
-    config = presets.get_model_config("tiny")
-    world = world_lib.WorldConfig(image_size=32, class_texture_prob=1.0)
-    probe.run(
-        config,
-        world,
-        readout="patch_mean",
-        lr=1e-3,
-        steps=2,
-        batch_size=4,
-        log_every=2,
-        held_out_size=4,
-        seed=3,
-        export=str(tmp_path / "backbone"),
-        jit=functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0}),
-    )
-    variables, saved_config = checkpointing.load_variables(str(tmp_path / "backbone"))
-    assert saved_config.to_dict() == config.to_dict()
-    fresh = groupvit.init_variables(config, jax.random.key(3))
-    vision, fresh_vision = variables["params"]["vision"], fresh["params"]["vision"]
-    # Trained: the patch embedding and the stage-1 blocks; untouched: what patch_mean never uses.
-    assert not np.allclose(vision["patch_embed"]["kernel"], fresh_vision["patch_embed"]["kernel"])
-    assert not np.allclose(
-        vision["stages_0"]["blocks_0"]["mlp"]["fc1"]["kernel"],
-        fresh_vision["stages_0"]["blocks_0"]["mlp"]["fc1"]["kernel"],
-    )
-    # (AdamW's weight decay alone scales those by 1 - 1e-7 a step.)
-    np.testing.assert_allclose(
-        vision["stages_1"]["blocks_0"]["mlp"]["fc1"]["kernel"],
-        fresh_vision["stages_1"]["blocks_0"]["mlp"]["fc1"]["kernel"],
-        rtol=1e-6,
-    )
-    np.testing.assert_allclose(
-        variables["params"]["text"]["token_embedding"]["embedding"],
-        fresh["params"]["text"]["token_embedding"]["embedding"],
-        rtol=1e-6,
-    )
 
 
 def test_steady_speed_leaves_out_the_first_interval_with_compilation():

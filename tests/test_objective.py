@@ -33,7 +33,7 @@ def tiny_groupvit():
     variables = groupvit.init_variables(config.model, jax.random.key(0))
     params = {
         "model": variables["params"],
-        **objective.init_extra_params(config.model.logit_scale_init),
+        **objective.init_extra_params(config),
     }
     return (
         config,
@@ -207,7 +207,7 @@ def logged_names(config_file, batch_size=4, **loss):
     )
     params = {
         "model": variables["params"],
-        **objective.init_extra_params(config.model.logit_scale_init),
+        **objective.init_extra_params(config),
     }
     batch = benchmark.random_batch(config, np.random.default_rng(0), batch_size)
     loss = lambda p, s: objective.loss_fn(

@@ -36,8 +36,8 @@ from mixreorg_jax import cli, trainer
 from mixreorg_jax.data import pipeline, synthetic_tfds
 from mixreorg_jax.formats import model_files
 from mixreorg_jax.models import groupvit
+from mixreorg_jax.training import checkpointing, model_init, objective, optim, sharding
 from mixreorg_jax.training import config as train_config
-from mixreorg_jax.training import model_init, optim, sharding
 from mixreorg_jax.training import step as train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -854,8 +854,8 @@ def test_resume_from_a_checkpoint_of_another_model_shape_is_a_clear_error(tmp_pa
     other = _other_shape(config)
     *_, init, rng = trainer_parts(other)
     shapes = jax.eval_shape(init, rng)
-    manager = train.checkpointing.make_manager(str(tmp_path / "other"), other.checkpoint)
-    train.checkpointing.save(
+    manager = checkpointing.make_manager(str(tmp_path / "other"), other.checkpoint)
+    checkpointing.save(
         manager, 5, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes), force=True
     )
     manager.wait_until_finished()
@@ -887,3 +887,58 @@ def test_model_init_from_a_checkpoint_of_another_model_shape_is_a_clear_error(
     assert message.startswith(f"model_init {tmp_path / 'other'} does not match the model"), message
     assert "shape mismatch params/" in message
     assert "\n" not in message
+
+
+def test_backbone_pretraining_is_a_train_config_whose_export_the_demo_loads(
+    tmp_path, synthetic_dir, initial_state
+):
+    """configs/backbone.py trains the image-level classifier with the one trainer; the MixReorg
+    run then takes exactly the backbone tensors (`model_init.BACKBONE`) from its workdir."""
+    config = tiny_config("backbone", synthetic_dir)
+    last = trainer.train_and_evaluate(config, str(tmp_path / "backbone"))
+    logged = set(read_metrics(tmp_path / "backbone")[-1])
+    assert {"classification", "total", "grad_norm"} <= logged
+    assert not logged & {"contrastive", "multi_label", "mixseg"}  # no text, no grouping computed
+    assert np.isfinite(last["classification"])
+    exported, _ = checkpointing.load_variables(str(tmp_path / "backbone"))
+    assert "classifier" not in exported["params"]  # the head is training-only
+
+    demo_config, state, shardings = initial_state
+    after = model_init.initialize(
+        state, str(tmp_path / "backbone"), demo_config.model, shardings, load=model_init.BACKBONE
+    )
+    source = model_files.flatten_tree(exported)
+    loaded = model_files.flatten_tree(jax.device_get({"params": after["params"]["model"]}))
+    backbone = [k for k in loaded if re.fullmatch(model_init.BACKBONE, k)]
+    assert len(backbone) == 5 + 16 * demo_config.model.depths[0]
+    for key in backbone:
+        np.testing.assert_array_equal(loaded[key], source[key])
+
+
+def test_classification_trains_only_the_backbone_and_its_head(synthetic_dir):
+    """The gradient of the classification objective reaches the patch embedding, the stage-1
+    blocks (and their group tokens) and the head; nothing else is computed."""
+    config = tiny_config("backbone", synthetic_dir)
+    model, _, tx, init, rng = trainer_parts(config)
+    state = jax.jit(init)(rng)
+    head = state["params"]["classifier"]
+    assert not np.any(head["kernel"]) and not np.any(head["bias"])  # starts at zero, as a probe
+    # A head that is not zero passes the gradient on to the features.
+    head["kernel"] = jax.random.normal(jax.random.key(2), head["kernel"].shape)
+    batch = next(pipeline.make_train_iterator(config.data, process_index=0, process_count=1))
+    assert batch["labels"].shape == (config.data.batch_size, 8)
+    grads = jax.grad(
+        lambda p: objective.loss_fn(
+            p, state["batch_stats"], batch, jax.random.key(1), model=model, config=config
+        )[0]
+    )(state["params"])
+    flat = model_files.flatten_tree(jax.device_get(grads))
+    trained = {k for k, g in flat.items() if np.any(g != 0)}
+    stage1 = "model/vision/stages_0/"
+    assert {"classifier/kernel", "classifier/bias"} <= trained
+    assert all(
+        k.startswith(("classifier/", "model/vision/patch_", "model/vision/position_", stage1))
+        for k in trained
+    ), sorted(trained)
+    assert not any("grouping" in k or "text" in k for k in trained)
+    assert any(k.startswith(stage1 + "blocks_") for k in trained)

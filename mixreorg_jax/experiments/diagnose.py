@@ -56,8 +56,8 @@ from mixreorg_jax.training import config as train_config
 
 
 def define_flags():
-    """Defined only when run as a program: the probe, imported beside it in tests, has a
-    `--model` flag of its own."""
+    """Defined only when run as a program: other programs imported beside it in tests define
+    flags of the same names."""
     flags.DEFINE_string("model", None, "A training workdir or model checkpoint.", required=True)
     flags.DEFINE_string(
         "world",

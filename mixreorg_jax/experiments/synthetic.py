@@ -35,14 +35,20 @@ RUNS = {
         "mixreorg",
         {"mix.contextual_depth": 1, "mix.progressive_weight": 1.0},
     ),
-    "no_restore_loss": ("mixreorg", {"loss.restore": 0.0}),
     "no_mixseg_loss": ("mixreorg", {"loss.mixseg": 0.0}),
     "mixseg_weight_1": ("mixreorg", {"loss.mixseg": 1.0}),  # the demo's is 4
     "group_size_4": ("mixreorg", {"mix.group_size": 4}),
-    "block_size_1": ("mixreorg", {"mix.block_size": 1}),
     "block_size_2": ("mixreorg", {"mix.block_size": 2}),
-    # The (ours) alternatives of method.md §4.
-    "progressive_average": ("mixreorg", {"mix.progressive_mode": "average"}),
+    # The (ours) alternatives of docs/method.md §4.
+    # Progressive mixing's "average" mode, with the paper's mixing stages on.
+    "contextual_progressive_average": (
+        "mixreorg",
+        {
+            "mix.contextual_depth": 1,
+            "mix.progressive_weight": 1.0,
+            "mix.progressive_mode": "average",
+        },
+    ),
     "mixseg_batch_negatives": ("mixreorg", {"loss.mixseg_negatives": "batch"}),
     "mixseg_soft_assignment": ("mixreorg", {"loss.mixseg_assignment": "soft"}),
 }

@@ -470,6 +470,13 @@ class VisionEncoder(nn.Module):
         """Runs the stage-1 blocks `blocks` over [x; group_tokens]: ([B, N, C], [B, G1, C]) -> same."""
         return self.stages[0].run_blocks(x, group_tokens, blocks, train)
 
+    def patch_features(self, images: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+        """[B, H, W, C] -> [B, width]: the mean of the patch tokens after the stage-1 blocks (a
+        plain ViT's feature: what backbone pre-training classifies, configs/backbone.py)."""
+        x = self.embed(images)
+        x, _ = self.stage1(x, self.stage1_group_tokens(x.shape[0]), train=train)
+        return jnp.mean(x, axis=1)
+
     def group(
         self, x: jnp.ndarray, stage1_group_tokens: jnp.ndarray, *, train: bool = False
     ) -> dict:

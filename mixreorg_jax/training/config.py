@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
             segment_multi_label=0.0,  # ours: multi-label scores from the best-matching segment
             segment_retrieval=0.0,  # ours: each prompt against all segments of the batch
             share_temperature=False,  # GroupViT's option: multi-label on the image-text scale
+            classification=0.0,  # backbone pre-training: image-level labels (configs/backbone.py)
         )
     )
 
@@ -105,7 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model_init = ""
     c.model_init_load = ".*"
 
-    # In-loop evaluators (mixreorg_jax/evaluators): name -> dict(type=..., every_steps=..., ...).
+    # In-loop evaluators (mixreorg_jax/evaluation): name -> dict(type=..., every_steps=..., ...).
     c.evals = ml_collections.ConfigDict()
     return c
 
@@ -184,8 +185,8 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
             )
         )
         # A `model_init` gives the demo only its backbone, as ImageNet weights give MixReorg's
-        # (method.md §3): the patch embedding and stage-1 blocks, pre-trained on the world's
-        # image-level labels by `experiments.probe --export` (launch/local.sh does it first).
+        # (docs/method.md §3): the patch embedding and stage-1 blocks, pre-trained on the world's
+        # image-level labels by configs/backbone.py (launch/local.sh runs it first).
         c.model_init_load = model_init.BACKBONE
         c.log_every_steps = 20
         c.checkpoint.every_steps = 200

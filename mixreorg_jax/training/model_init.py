@@ -36,7 +36,7 @@ _VIT_BLOCK = {
 }
 _VIT_TYPES = ("vit", "deit")
 # The image tower up to the first grouping block without its group tokens: what a plain ViT has
-# (and what `experiments.probe --readout=patch_mean` trains).
+# (what backbone pre-training, configs/backbone.py, trains).
 BACKBONE = r"params/vision/(patch_embed|patch_norm|position_embedding|stages_0/blocks_\d+)(/.*)?"
 
 
@@ -156,7 +156,7 @@ def initialize(
     """The train state with the model tensors that `source` provides replaced (same sharding).
 
     Only the tensors whose flat path `load` (a regex) fully matches are replaced, e.g.
-    `BACKBONE` for the patch embedding and stage-1 blocks that `experiments.probe` pre-trains.
+    `BACKBONE` for the patch embedding and stage-1 blocks that configs/backbone.py pre-trains.
     """
 
     def model_part(tree):

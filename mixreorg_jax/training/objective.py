@@ -69,6 +69,13 @@ TERMS = {
         ("restored",),
         mixing=True,
     ),
+    # Backbone pre-training (configs/backbone.py): image-level labels, no text.
+    "classification": Term(
+        lambda x, c: losses.classification_loss(
+            x["patch_features"], x["labels"], x["classifier"]["kernel"], x["classifier"]["bias"]
+        ),
+        ("patch_features",),
+    ),
     "mixseg": Term(
         lambda x, c: losses.mixed_segmentation_loss(
             x["mixed_assignment"][c.loss.mixseg_assignment],
@@ -87,21 +94,37 @@ TERMS = {
 LOGGED_AT_ZERO_WEIGHT = ("contrastive", "mixseg")
 
 
-def init_extra_params(log_scale: float) -> dict:
-    """Training-only parameters, beside the model's; the multi-label loss's log logit scale
-    starts at `log_scale`, the model's `logit_scale_init` (as in GroupViT, where both start at
-    log(1 / 0.07))."""
-    return {"multi_label_logit_scale": jnp.asarray(log_scale, jnp.float32)}
+def init_extra_params(config: ml_collections.ConfigDict) -> dict:
+    """Training-only parameters, beside the model's: the multi-label loss's log logit scale,
+    starting at the model's `logit_scale_init` (as in GroupViT, where both start at
+    log(1 / 0.07)), and with `loss.classification` the classifier head (zeros, one column per
+    `data.labels` class)."""
+    extra = {"multi_label_logit_scale": jnp.asarray(config.model.logit_scale_init, jnp.float32)}
+    if config.loss.get("classification"):
+        num_classes = len(config.data.get("labels", ()) or ())
+        if not num_classes:
+            raise ValueError("loss.classification needs the class names in data.labels")
+        extra["classifier"] = {
+            "kernel": jnp.zeros((config.model.width, num_classes), jnp.float32),
+            "bias": jnp.zeros((num_classes,), jnp.float32),
+        }
+    return extra
 
 
-def _forward(module, images, texts, plan, *, mix, mix_fns, segments, restored):
+def _forward(module, images, texts, plan, *, mix, mix_fns, segments, restored, full, patches):
     """Everything that touches parameters, in one `apply` so batch statistics update once:
-    `mixreorg.image_forward`'s outputs and the texts' embeddings, "text"."""
-    text = module.encode_text(texts, train=True)["embedding"]
-    out = mixreorg.image_forward(
-        module, images, plan, mix, mix_fns=mix_fns, segments=segments, restored=restored
-    )
-    return {**out, "text": text}
+    with `full`, `mixreorg.image_forward`'s outputs and the texts' embeddings, "text"; with
+    `patches`, the stage-1 patch features, "patch_features"."""
+    out = {}
+    if full:
+        text = module.encode_text(texts, train=True)["embedding"]
+        out = mixreorg.image_forward(
+            module, images, plan, mix, mix_fns=mix_fns, segments=segments, restored=restored
+        )
+        out["text"] = text
+    if patches:
+        out["patch_features"] = module.vision.patch_features(images, train=True)
+    return out
 
 
 def _prompt_ids(batch, positives: str):
@@ -165,7 +188,12 @@ def loss_fn(
         if (plan is not None or not term.mixing)
         and (config.loss[name] or name in LOGGED_AT_ZERO_WEIGHT)
     }
-    needs = set().union(*(TERMS[name].needs for name, weight in weights.items() if weight))
+    weighted = {name for name, weight in weights.items() if weight}
+    # Only backbone pre-training's classifier: no text, no grouping, nothing logged at weight 0.
+    full = bool(weighted - {"classification"})
+    if not full:
+        weights = {name: weights[name] for name in weighted}
+    needs = set().union(*(TERMS[name].needs for name in weighted))
     prompt_ids = None
     if "prompts" in needs:
         prompt_ids = _prompt_ids(batch, config.loss.multi_label_positives)
@@ -183,12 +211,14 @@ def loss_fn(
         mix_fns=mix_fns,
         segments="segments" in needs,
         restored="restored" in needs,
+        full=full,
+        patches="patch_features" in needs,
         method=_forward,
         mutable=["batch_stats"],
         rngs={"gumbel": gumbel_rng, "dropout": dropout_rng},
     )
 
-    text = out.pop("text").reshape(b, 1 + p, -1)
+    text = out.pop("text").reshape(b, 1 + p, -1) if full else jnp.zeros((b, 1 + p, 0))
     log_scale = params["model"]["logit_scale"]
     # GroupViT's `share_temperature`: the multi-label terms on the image-text (evaluation's) scale.
     shared = config.loss.share_temperature
@@ -200,7 +230,11 @@ def loss_fn(
         "log_scale": log_scale,
         "ml_log_scale": log_scale if shared else params["multi_label_logit_scale"],
         "source": None if plan is None else plan.source,
+        "labels": batch.get("labels"),
+        "classifier": params.get("classifier"),
     }
+    if "patch_features" in needs and x["labels"] is None:
+        raise ValueError("loss.classification needs labels in the batch: set data.labels")
     terms = {name: TERMS[name].loss(x, config) for name in weights}
     total, logs = losses.total_loss(terms, weights)
     logs["logit_scale"] = losses.logit_scale(log_scale)

@@ -30,7 +30,7 @@ def make_init_fn(model, config: ml_collections.ConfigDict, tx: optax.GradientTra
         )
         params = {
             "model": variables["params"],
-            **objective.init_extra_params(config.model.logit_scale_init),
+            **objective.init_extra_params(config),
         }
         return {
             "step": jnp.zeros((), jnp.int32),
