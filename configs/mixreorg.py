@@ -13,8 +13,7 @@ from mixreorg_jax.training import config as train_config
 def get_config(arg=None):
     variant = train_config.parse_variant(arg, train_config.VARIANTS, default="demo")
     c = train_config.apply_variant(train_config.base_config(), variant)
-    # The method's settings, chosen on the synthetic benchmark (README, "The synthetic
-    # benchmark"). From the pre-trained backbone the images are mixed before any block has seen
+    # The method's settings, chosen on the synthetic benchmark (docs/results.md 1-2). From the pre-trained backbone the images are mixed before any block has seen
     # their source image (no contextual or progressive mixing): contextual features let the mixed
     # segments follow their source without learning its classes.
     c.mix.enabled = True
@@ -26,7 +25,7 @@ def get_config(arg=None):
     # The loss weights are the base config's (docs/method.md §4: every term at 1.0, the mixed
     # images against their group's captions), which the demo variant changes; its
     # mixed-segmentation loss, the one term that reads the mixed branch, weighs 4 (measured
-    # against 1 and 2: docs/synthetic_learnability.md §14).
+    # against 1 and 2: docs/results.md 3.9).
     if variant == "demo":
         c.loss.mixseg = 4.0
     return c

@@ -4,15 +4,8 @@ r"""Converts GroupViT checkpoints between Hugging Face `transformers` and this p
   python -m mixreorg_jax.convert to-hf --checkpoint CKPT --output DIR
 
 A Hugging Face folder is `config.json` + `model.safetensors` of `transformers.GroupViTModel`
-(e.g. a download of nvidia/groupvit-gcc-yfcc); it is read and written without torch. CKPT is the
-params-only Orbax layout of `mixreorg_jax.formats.model_files` (the trainer's export, what evaluation
-reads). The mapping is exact both ways: Linear weights are transposed, the patch convolution goes
-from [out, in, p, p] to [p, p, in, out], the projectors' BatchNorm running averages (and
-num_batches_tracked) go to `batch_stats`.
-
-The text feature is read at the largest token id (CLIP's end-of-text token), as HF does with its
-legacy eos_token_id == 2; configs whose eos_token_id is neither 2 nor vocab_size - 1 are refused.
-Dropout settings of HF configs are ignored (this port has none; HF's checkpoints use 0).
+(e.g. a download of nvidia/groupvit-gcc-yfcc); CKPT is a model checkpoint (the trainer's
+`export/`, what evaluation reads). The mapping and its limits: mixreorg_jax/formats/huggingface.py.
 """
 
 from absl import app, flags

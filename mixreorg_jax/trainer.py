@@ -73,7 +73,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # `config.model_init` (parameters only), else scratch.
     manager = checkpointing.make_manager(str(workdir), config.checkpoint)
     if manager.latest_step() is not None:
-        state, _ = checkpointing.restore(str(workdir), abstract_state, train_iter)
+        state, _ = checkpointing.restore(manager, abstract_state, train_iter)
         logging.info("resumed from %s at step %d", workdir, int(state["step"]))
     elif config.resume:
         state, _ = checkpointing.restore(config.resume, abstract_state, train_iter)

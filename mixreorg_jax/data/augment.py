@@ -1,4 +1,4 @@
-"""Per-example image augmentation (timm/DeiT style, method.md §1), in numpy and PIL.
+"""Per-example image augmentation (timm/DeiT style, docs/method.md §1), in numpy and PIL.
 
 Train path: RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3), bilinear) -> horizontal flip
 (p 0.5) -> RandAugment (2 ops, magnitude 9, magnitude std 0.5) -> ImageNet normalisation ->

@@ -1,4 +1,4 @@
-"""Prompt texts for GroupViT's multi-label contrastive loss (method.md §1).
+"""Prompt texts for GroupViT's multi-label contrastive loss (docs/method.md §1).
 
 Each caption gives `NUM_PROMPTS` texts: up to that many of its candidate words (nouns and verbs,
 extracted once at preparation, see `data/words.py`), drawn without replacement, each put in a

@@ -19,7 +19,7 @@ id=str), with 255 = ignore and, where the set has one, 0 = background. Sets with
 
 Class names are those of the released evaluation (they are what the text encoder reads). Its
 protocol defaults per set are in `DATASET_DEFAULTS`; the synthetic world has no fixed background
-threshold (it is chosen on its validation split, method.md section 5), so it has no entry there.
+threshold (it is chosen on its validation split, docs/method.md section 5), so it has no entry there.
 """
 
 import dataclasses

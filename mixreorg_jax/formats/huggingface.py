@@ -1,7 +1,4 @@
-"""Converts GroupViT checkpoints between Hugging Face `transformers` and this project.
-
-    python -m mixreorg_jax.convert from-hf --hf_dir DIR --output CKPT
-    python -m mixreorg_jax.convert to-hf --checkpoint CKPT --output DIR
+"""The Hugging Face `transformers.GroupViTModel` layout, both ways (`python -m mixreorg_jax.convert`).
 
 A Hugging Face folder is `config.json` + `model.safetensors` of `transformers.GroupViTModel`
 (e.g. a download of nvidia/groupvit-gcc-yfcc); it is read and written without torch. CKPT is the

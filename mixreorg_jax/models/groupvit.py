@@ -1,4 +1,4 @@
-"""GroupViT (Xu et al. 2022; method.md §1) in flax.linen.
+"""GroupViT (Xu et al. 2022; docs/method.md §1) in flax.linen.
 
 Numerically the same network as `transformers.GroupViTModel` in eval mode (tests/test_convert.py
 checks it); `mixreorg_jax.convert` maps its checkpoints both ways.
@@ -34,7 +34,7 @@ def weight_init(config: ml_collections.ConfigDict) -> Callable:
 
     'groupvit': truncated normal, std 0.02, as GroupViT and HF (made for width 384). 'lecun_normal':
     std 1/sqrt(fan_in), larger at small widths such as the demo's 64 (see
-    docs/synthetic_learnability.md).
+    docs/results.md 3.1, 3.3).
     """
     name = config.get("weight_init", "groupvit")
     if name not in WEIGHT_INITS:
@@ -281,7 +281,7 @@ class AssignAttention(nn.Module):
 
 
 class GroupingBlock(nn.Module):
-    """Merges image tokens into `num_output_groups` segment tokens (method.md §1)."""
+    """Merges image tokens into `num_output_groups` segment tokens (docs/method.md §1)."""
 
     config: ml_collections.ConfigDict
     num_output_groups: int

@@ -1,4 +1,4 @@
-"""Model configs for GroupViT (method.md §1): `get_model_config(name)`.
+"""Model configs for GroupViT (docs/method.md §1): `get_model_config(name)`.
 
 Fields (all read by `mixreorg_jax.models.groupvit`):
   image_size, patch_size, num_channels: the input the model is made for; other sizes that are a

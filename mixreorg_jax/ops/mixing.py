@@ -1,4 +1,4 @@
-"""Patch mixing and restoration for MixReorg (method.md sections 3-4, "Mixing plan").
+"""Patch mixing and restoration for MixReorg (docs/method.md sections 3-4, "Mixing plan").
 
 The local batch of B images is split into consecutive groups of K images. Within a group, for
 every s x s block of patches, a random permutation sigma of the K members decides which member's

@@ -1,4 +1,4 @@
-"""PyTorch-compatible bicubic resizing (position-embedding interpolation, method.md §1).
+"""PyTorch-compatible bicubic resizing (position-embedding interpolation, docs/method.md §1).
 
 `torch.nn.functional.interpolate(mode='bicubic', align_corners=False)` uses the cubic convolution
 kernel with a = -0.75 and clamps sample indices at the border; `jax.image.resize('bicubic')` uses

@@ -47,11 +47,16 @@ def save(
     return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def restore(directory: str, abstract_state=None, data_iterator=None, step: int | None = None):
+def restore(
+    source: str | ocp.CheckpointManager,
+    abstract_state=None,
+    data_iterator=None,
+    step: int | None = None,
+):
     """Reads a train state: the one reader of `checkpoints/` folders.
 
     Args:
-      directory: a workdir's `checkpoints/` folder (or the workdir).
+      source: a workdir's `checkpoints/` folder (or the workdir), or the run's own open manager.
       abstract_state: ShapeDtypeStructs with shardings to restore into; None reads the state as
         host numpy arrays, whatever devices wrote it (for inference and `model_init`).
       data_iterator: a grain iterator whose position is restored too.
@@ -60,12 +65,14 @@ def restore(directory: str, abstract_state=None, data_iterator=None, step: int |
     Returns:
       (state, step).
     """
-    directory = checkpoints_dir(directory)
-    manager = ocp.CheckpointManager(
-        epath.Path(directory),
-        item_names=("state", "data"),
-        options=ocp.CheckpointManagerOptions(read_only=True),
-    )
+    own = not isinstance(source, ocp.CheckpointManager)
+    if own:
+        source = ocp.CheckpointManager(
+            epath.Path(checkpoints_dir(source)),
+            item_names=("state", "data"),
+            options=ocp.CheckpointManagerOptions(read_only=True),
+        )
+    manager, directory = source, source.directory
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no finished checkpoint in {directory}")
@@ -84,7 +91,8 @@ def restore(directory: str, abstract_state=None, data_iterator=None, step: int |
             f"checkpoint {directory}/{step} does not fit this model/optimiser (another model "
             f"shape or config?): {str(e).splitlines()[0][:500]}"
         ) from None
-    manager.close()
+    if own:
+        manager.close()
     return restored["state"], step
 
 

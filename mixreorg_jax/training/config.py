@@ -164,16 +164,16 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
             dict(crop_scale=(0.6, 1.0), flip=False, randaugment=False, random_erasing=0.0)
         )
         # 1200 steps: the quick start takes 6-7 minutes on 2 CPU cores
-        # (docs/synthetic_learnability.md §10); at 400 neither model knows the class names (§7).
+        # (docs/results.md 3.1); at 400 neither model knows the class names (3.3).
         c.total_steps, c.warmup_steps = 1200, 40
         c.optim.lr, c.optim.min_lr, c.optim.warmup_lr = 1e-3, 1e-5, 1e-6
         c.optim.scale_lr_by_batch = False
-        # Ours, for a world of 8 class nouns (docs/synthetic_learnability.md §4-5): every prompt
+        # Ours, for a world of 8 class nouns (docs/results.md 3.2-3.3): every prompt
         # of a batch's word is a positive, the prompts use the evaluation's one template, and
         # grouping is kept from collapsing.
         c.data.prompt_templates = "photo"
         c.loss.update(dict(multi_label_positives="same_word", group_balance=1.0))
-        # Ours (§9-11): the caption's words also score the image's segments, all on the
+        # Ours (docs/results.md 3.5): the caption's words also score the image's segments, all on the
         # evaluation's logit scale; no caption-contrastive terms (so no restoration loss).
         c.loss.update(
             dict(

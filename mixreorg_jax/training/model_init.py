@@ -7,7 +7,7 @@ Sources:
   torch), e.g. DeiT-S/16 for GroupViT-S: its patch embedding, position embedding (without the
   class/distillation entries, resized bicubically if the grid differs) and its blocks, in order,
   initialise ours; group tokens, grouping blocks, the post-patch LayerNorm, the final LayerNorm,
-  the text tower and the projectors start fresh (method.md §3).
+  the text tower and the projectors start fresh (docs/method.md §3).
 """
 
 import json
