@@ -324,8 +324,10 @@ def mixreorg_run(shared_root, synthetic_dir, persistent_compile_cache, reuse_tra
     return shared_mixreorg_run(shared_root, synthetic_dir)
 
 
-def test_groupvit_trains(tmp_path, synthetic_dir, compiled_init):
-    last = trainer.train_and_evaluate(tiny_config("groupvit", synthetic_dir), str(tmp_path))
+def test_groupvit_trains(tmp_path, synthetic_dir, compiled_init, monkeypatch):
+    # A workdir relative to the working directory, as users type it (Orbax wants absolute paths).
+    monkeypatch.chdir(tmp_path.parent)
+    last = trainer.train_and_evaluate(tiny_config("groupvit", synthetic_dir), tmp_path.name)
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == list(range(1, TOTAL_STEPS + 1))
     assert {"contrastive", "multi_label"} <= set(last)
