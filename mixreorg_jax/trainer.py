@@ -9,7 +9,6 @@ mixreorg_jax.train` is its command line; the synthetic benchmark calls it in-pro
 
 import json
 import math
-import os
 import time
 
 import jax
@@ -48,8 +47,6 @@ def train_steps(config: ml_collections.ConfigDict, num_examples: int | None) -> 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs training to `total_steps` (or until preempted); returns the last logged metrics."""
     workdir = epath.Path(workdir).expanduser()
-    if "://" not in str(workdir):  # Orbax writes to absolute paths only.
-        workdir = epath.Path(os.path.abspath(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     writer = metric_writers.create_default_writer(

@@ -336,6 +336,10 @@ def test_groupvit_trains(tmp_path, synthetic_dir, compiled_init, monkeypatch):
     # The exported model loads as the one trained.
     variables, model_config = model_files.load_model(str(tmp_path / "export"))
     final = read_state(tmp_path, TOTAL_STEPS)
+    # Read back through the relative path too (what --config.resume or --checkpoint get).
+    state, step = checkpointing.restore(tmp_path.name)
+    assert step == TOTAL_STEPS
+    assert_trees_equal(state["params"]["model"], final["params"]["model"])
     assert_trees_equal(variables["params"], final["params"]["model"])
     assert model_config.width == tiny_config("groupvit", "").model.width
 

@@ -6,6 +6,7 @@ SIGTERM (preemption) makes every process save at the same next step and stop cle
 """
 
 import json
+import os
 import signal
 import threading
 
@@ -20,6 +21,13 @@ from jax.experimental import multihost_utils
 from mixreorg_jax.formats import huggingface, model_files
 
 
+def _absolute(path: str) -> epath.Path:
+    """`path` with `~` expanded and, on the local file system, made absolute: Orbax reads and
+    writes absolute paths only (a relative one fails deep in a save or restore)."""
+    path = epath.Path(path).expanduser()
+    return path if "://" in str(path) else epath.Path(os.path.abspath(path))
+
+
 def make_manager(workdir: str, ckpt: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=ckpt.max_to_keep,
@@ -28,13 +36,13 @@ def make_manager(workdir: str, ckpt: ml_collections.ConfigDict) -> ocp.Checkpoin
         cleanup_tmp_directories=True,
     )
     return ocp.CheckpointManager(
-        epath.Path(workdir) / "checkpoints", options=options, item_names=("state", "data")
+        _absolute(workdir) / "checkpoints", options=options, item_names=("state", "data")
     )
 
 
 def checkpoints_dir(path: str) -> str:
     """A run's `checkpoints/` folder, given the run's workdir or that folder itself."""
-    path = epath.Path(path).expanduser()
+    path = _absolute(path)
     return str(path / "checkpoints" if (path / "checkpoints").exists() else path)
 
 
