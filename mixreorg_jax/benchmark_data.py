@@ -44,7 +44,7 @@ def load_records(
     source_size: "WxH" of the synthetic JPEGs (used without `dataset_dir`).
     """
     if dataset_dir:
-        spec = pipeline.resolve_datasets({"datasets": [dict(dir=dataset_dir, split=split)]})[0]
+        spec = pipeline.resolve_datasets({"dir": dataset_dir, "split": split})[0]
         source = pipeline.open_source(spec)
         count = min(num_images, len(source))
         return [source[i] for i in range(count)], f"{spec.dir} {split}"
@@ -87,7 +87,7 @@ def pipeline_rate(
 ) -> float:
     """Images/s of the whole pipeline with `num_workers` workers, after 2 batches."""
     config = pipeline.get_config_defaults()
-    config.datasets = [dict(dir=dataset_dir, split=split, weight=1.0)]
+    config.dir, config.split = dataset_dir, split
     config.image_size = image_size
     config.batch_size = batch_size
     config.worker_count = num_workers

@@ -13,6 +13,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
@@ -67,6 +68,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------- Model, optimiser, step
     built = train_step.build(config, mesh, total_steps, warmup_steps)
     abstract_state, state_sharding = built.abstract_state, built.state_sharding
+    # Evaluators open their data now: a missing dataset fails here, before step 0.
+    evals = evaluation.create(config.evals, model=built.model, mesh=mesh, config=config)
 
     # ---------------------------------------------------------------- Restore
     # Order: this workdir's latest checkpoint, else `config.resume` (another run), else
@@ -79,14 +82,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, _ = checkpointing.restore(config.resume, abstract_state, train_iter)
         logging.info("resumed from %s at step %d", config.resume, int(state["step"]))
     else:
+        model_init.check_source(config.model_init)
         state = jax.jit(built.init, out_shardings=state_sharding)(jax.random.key(config.seed))
-        if config.model_init:
+        if config.model_init.lower() not in model_init.SCRATCH:
             state = model_init.initialize(
                 state, config.model_init, config.model, state_sharding, load=config.model_init_load
             )
     first_step = int(state["step"])
-
-    evals = evaluation.create(config.evals, model=built.model, mesh=mesh, config=config)
     report = periodic_actions.ReportProgress(
         num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
     )
@@ -94,6 +96,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     metrics_file = (workdir / "metrics.jsonl").open("a") if is_main else None
 
     def write(step, scalars):
+        # Evaluators may return pictures (uint8 [N, H, W, 3]) beside their numbers.
+        images = {k: v for k, v in scalars.items() if np.ndim(v) == 4}
+        scalars = {k: float(v) for k, v in scalars.items() if k not in images}
+        if images:
+            writer.write_images(step, images)
         writer.write_scalars(step, scalars)
         if metrics_file:
             metrics_file.write(json.dumps({"step": step, **scalars}) + "\n")

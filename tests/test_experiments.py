@@ -39,6 +39,7 @@ def test_groupvit_and_mixreorg_runs_differ_only_in_the_method():
         "loss.mixseg",
         "mix.contextual_depth",
         "mix.progressive_weight",
+        "mix.progressive_mode",
     }
 
 

@@ -642,7 +642,7 @@ def initial_state(synthetic_dir, compiled_init):
     return config, jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
-def _save_hf_vit(folder, model_config, *, width=None, deit=False):
+def _save_hf_vit(folder, model_config, *, width=None, patch_size=None, deit=False):
     """A random Hugging Face ViTModel (or DeiTModel) sized like the tiny model, in `folder`."""
     import torch
     import transformers
@@ -655,7 +655,7 @@ def _save_hf_vit(folder, model_config, *, width=None, deit=False):
         num_attention_heads=model_config.num_heads,
         intermediate_size=int(width * model_config.mlp_ratio),
         image_size=model_config.image_size,
-        patch_size=model_config.patch_size,
+        patch_size=patch_size or model_config.patch_size,
         num_channels=3,
         qkv_bias=True,
     )
@@ -794,25 +794,33 @@ def test_model_init_load_takes_only_the_matching_tensors(tmp_path, initial_state
         )
 
 
-def test_model_init_refuses_a_vit_of_another_width(tmp_path, initial_state):
+@pytest.mark.parametrize("change", ["width", "patch_size"])
+def test_model_init_refuses_a_vit_of_another_width_or_patch_size(tmp_path, initial_state, change):
     config, state, shardings = initial_state
-    _save_hf_vit(tmp_path, config.model, width=2 * config.model.width)
-    with pytest.raises(
-        ValueError,
-        match=(
-            f"ViT checkpoint does not fit the model: width "
-            f"{2 * config.model.width} != model width "
-            f"{config.model.width}"
-        ),
-    ):
+    width, patch = config.model.width, config.model.patch_size
+    theirs = (2 * width, 3, patch, patch) if change == "width" else (width, 3, 2 * patch, 2 * patch)
+    _save_hf_vit(tmp_path, config.model, **{change: 2 * config.model[change]})
+    message = (
+        f"model_init {tmp_path}: embeddings.patch_embeddings.projection.weight has shape "
+        f"{theirs}; the model needs {(width, 3, patch, patch)} (params/vision/patch_embed/kernel)"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
         model_init.initialize(state, str(tmp_path), config.model, shardings)
+
+
+def test_model_init_names_the_flag_when_the_source_is_missing(tmp_path):
+    for scratch in ("", "none", "None"):
+        model_init.check_source(scratch)
+    model_init.check_source(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"--config.model_init=none to train from scratch"):
+        model_init.check_source(str(tmp_path / "deit-small-patch16-224"))
 
 
 # ---------------------------------------------------------------- bad input
 def test_missing_data_directory_is_a_clear_error(tmp_path, synthetic_dir):
     config = tiny_config("mixreorg", synthetic_dir)
     missing = tmp_path / "no_such_dataset"
-    config.data.datasets = [dict(dir=str(missing), split="train", weight=1.0)]
+    config.data.dir = str(missing)
     with pytest.raises(
         FileNotFoundError, match=f"prepared dataset directory {missing} does not exist"
     ):

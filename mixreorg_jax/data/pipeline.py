@@ -24,8 +24,13 @@ The global batch is assembled from these by the trainer (`jax.make_array_from_pr
 
 Config (`config.data`; `get_config_defaults()` lists every field with its default, and fields a
 config leaves out take these defaults):
-  datasets:       list of dict(dir=PREPARED_DIR | name=NAME + data_dir=DIR, split, weight);
-                  `dir` may be the version directory (.../cc12m/1.0.0) or the one above it
+  dir:            the training data, a string so that a shell can set it
+                  (`--config.data.dir=PATH`): a prepared dataset directory (the version
+                  directory .../cc12m/1.0.0 or the one above it), several separated by commas
+                  (a mixture), or "synthetic" for the built-in world (prepared on first use under
+                  `synthetic_dir`; `training/config.py`)
+  split:          the split of every dataset, or one per dataset separated by commas
+  weights:        mixing weights separated by commas, one per dataset ("": equal)
   image_size, context_length, batch_size (global), shuffle_seed,
   worker_count (0: in this process), worker_buffer_size (batches per worker),
   read_threads (batches made concurrently in each process), include_caption,
@@ -54,7 +59,9 @@ def get_config_defaults() -> ml_collections.ConfigDict:
     """Every `config.data` field of the training pipeline, with its default."""
     return ml_collections.ConfigDict(
         dict(
-            datasets=[dict(dir="~/tensorflow_datasets/cc12m", split="train", weight=1.0)],
+            dir="~/tensorflow_datasets/cc12m",
+            split="train",
+            weights="",
             image_size=224,
             context_length=77,
             batch_size=4096,
@@ -106,33 +113,45 @@ def _version_dir(path: epath.Path) -> str:
     return str(versions[-1])
 
 
+def _items(value) -> list[str]:
+    return [item.strip() for item in str(value).split(",") if item.strip()]
+
+
 def resolve_datasets(data_config) -> list[DatasetSpec]:
-    """The config's `datasets` entries as version directories; a missing one is an error."""
-    entries = _option(data_config, "datasets")
-    if not entries:
-        raise ValueError("config.data.datasets is empty")
+    """`dir`, `split` and `weights` as dataset specs; a missing directory, a split or weight
+    list of the wrong length, or a weight <= 0 is an error naming it."""
+    dirs = _items(_option(data_config, "dir"))
+    if not dirs:
+        raise ValueError("config.data.dir is empty: give a prepared dataset directory")
+    splits = _items(_option(data_config, "split")) or ["train"]
+    weights = _items(_option(data_config, "weights")) or ["1"] * len(dirs)
+    if len(splits) == 1:
+        splits *= len(dirs)
+    for name, values in (("split", splits), ("weights", weights)):
+        if len(values) != len(dirs):
+            raise ValueError(
+                f"config.data.{name} has {len(values)} entries for {len(dirs)} directories "
+                f"in config.data.dir"
+            )
     specs = []
-    for entry in entries:
-        entry = entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
-        if entry.get("synthetic"):
+    for directory, split, weight in zip(dirs, splits, weights):
+        if directory == "synthetic":
             from mixreorg_jax.data import synthetic_tfds  # Deferred: registers a TFDS builder.
 
             path = epath.Path(synthetic_tfds.prepare_synthetic_world(data_config))
-        elif entry.get("dir"):
-            path = epath.Path(os.path.expanduser(str(entry["dir"])))
-        elif entry.get("name") and entry.get("data_dir"):
-            path = epath.Path(os.path.expanduser(str(entry["data_dir"]))) / str(entry["name"])
         else:
-            raise ValueError(
-                f"dataset entry {entry} needs 'dir' (a prepared dataset directory) or 'name' and "
-                "'data_dir'"
-            )
+            path = epath.Path(os.path.expanduser(directory))
         if not path.is_dir():
-            raise FileNotFoundError(f"prepared dataset directory {path} does not exist")
-        weight = float(entry.get("weight", 1.0))
+            raise FileNotFoundError(
+                f"config.data.dir: prepared dataset directory {path} does not exist"
+            )
+        try:
+            weight = float(weight)
+        except ValueError:
+            raise ValueError(f"config.data.weights: {weight!r} is not a number") from None
         if weight <= 0:
-            raise ValueError(f"dataset {path}: weight must be > 0, got {weight}")
-        specs.append(DatasetSpec(_version_dir(path), str(entry.get("split", "train")), weight))
+            raise ValueError(f"config.data.weights: {path} has weight {weight}; it must be > 0")
+        specs.append(DatasetSpec(_version_dir(path), split, weight))
     return specs
 
 

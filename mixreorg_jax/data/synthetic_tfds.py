@@ -218,7 +218,7 @@ def prepare_synthetic_world(data_config) -> str:
     """
     data_dir = os.path.expanduser(str(data_config.get("synthetic_dir", "")))
     if not data_dir:
-        raise ValueError("a {'synthetic': True} dataset needs config.data.synthetic_dir")
+        raise ValueError('config.data.dir="synthetic" needs config.data.synthetic_dir')
     world = dict(data_config.get("synthetic_world", None) or {})
     if jax.process_index() == 0:
         path = prepare_synthetic(data_dir, **world)

@@ -28,12 +28,16 @@ from mixreorg_jax.training import config as train_config
 RUNS = {
     "groupvit": ("groupvit", {}),
     "mixreorg": ("mixreorg", {}),
-    # The paper's contextual (one block) and progressive mixing, off in configs/mixreorg.py.
+    # The paper's contextual (one block) and progressive mixing, off in the demo; progressive
+    # in the method's "add" mode (the paper config's "average" is the last ablation).
     "contextual_mixing": ("mixreorg", {"mix.contextual_depth": 1}),
-    "progressive_mixing": ("mixreorg", {"mix.progressive_weight": 1.0}),
+    "progressive_mixing": (
+        "mixreorg",
+        {"mix.progressive_weight": 1.0, "mix.progressive_mode": "add"},
+    ),
     "contextual_progressive_mixing": (
         "mixreorg",
-        {"mix.contextual_depth": 1, "mix.progressive_weight": 1.0},
+        {"mix.contextual_depth": 1, "mix.progressive_weight": 1.0, "mix.progressive_mode": "add"},
     ),
     "no_mixseg_loss": ("mixreorg", {"loss.mixseg": 0.0}),
     "mixseg_weight_1": ("mixreorg", {"loss.mixseg": 1.0}),  # the demo's is 4

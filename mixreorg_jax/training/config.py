@@ -33,11 +33,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = presets.get_model_config("demo")
 
-    # Input pipeline (mixreorg_jax/data/pipeline.py has every field). `datasets`: prepared TFDS
-    # directories with split and weight, or {"synthetic": True} for the built-in world, prepared
-    # on first use under `synthetic_dir` with the `synthetic_world` settings.
+    # Input pipeline (mixreorg_jax/data/pipeline.py has every field). `dir`: prepared TFDS
+    # directories separated by commas (with `split` and `weights`), or "synthetic" for the
+    # built-in world, prepared on first use under `synthetic_dir` with the `synthetic_world`
+    # settings.
     c.data = pipeline.get_config_defaults()
-    c.data.datasets = [dict(synthetic=True, split="train", weight=1.0)]
+    c.data.dir = "synthetic"
     c.data.synthetic_dir = "~/tensorflow_datasets/mixreorg_synthetic"
     c.data.synthetic_world = ml_collections.ConfigDict(dataclasses.asdict(synthetic.WorldConfig()))
     c.data.batch_size = 64
@@ -136,7 +137,7 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
     """
     if variant == "paper":
         c.model = presets.get_model_config("groupvit_s")
-        c.data.datasets = [dict(dir="~/tensorflow_datasets/cc12m", split="train", weight=1.0)]
+        c.data.dir = "~/tensorflow_datasets/cc12m"
         c.data.batch_size = 4096
         c.data.worker_count = 16
         c.total_epochs, c.warmup_epochs = 30.0, 2.0

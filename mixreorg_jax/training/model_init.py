@@ -42,8 +42,9 @@ BACKBONE = r"params/vision/(patch_embed|patch_norm|position_embedding|stages_0/b
 
 def _vit_as_groupvit_tensors(
     tensors: dict, vit_config: dict, config: ml_collections.ConfigDict
-) -> dict[str, np.ndarray]:
-    """ViT/DeiT tensors renamed (and the position embedding reshaped) as HF GroupViT's."""
+) -> dict[str, tuple[str, np.ndarray]]:
+    """{HF GroupViT name: (the ViT/DeiT tensor's name, its value)}, the position embedding
+    without its class entries and resized to the model's grid."""
     # Classification checkpoints prefix the backbone ("vit.", "deit.").
     prefix = next(
         (
@@ -55,45 +56,42 @@ def _vit_as_groupvit_tensors(
     )
     if prefix is None:
         raise ValueError("not a ViT/DeiT checkpoint: no embeddings.patch_embeddings.projection")
+    # A width or patch size that differs shows as a tensor of another shape (`_from_vit`).
     problems = []
     width, layers = vit_config.get("hidden_size"), vit_config.get("num_hidden_layers")
-    if width != config.width:
-        problems.append(f"width {width} != model width {config.width}")
     if layers != sum(config.depths):
         problems.append(
             f"{layers} blocks != the model's {sum(config.depths)} (depths {tuple(config.depths)})"
         )
     if vit_config.get("num_attention_heads") != config.num_heads:
         problems.append(f"{vit_config.get('num_attention_heads')} heads != {config.num_heads}")
-    if vit_config.get("patch_size") != config.patch_size:
-        problems.append(f"patch {vit_config.get('patch_size')} != {config.patch_size}")
     if problems:
         raise ValueError("ViT checkpoint does not fit the model: " + "; ".join(problems))
 
     out = {}
     embed = "vision_model.embeddings"
     for suffix in ("weight", "bias"):
-        out[f"{embed}.patch_embeddings.projection.{suffix}"] = tensors[
-            f"{prefix}embeddings.patch_embeddings.projection.{suffix}"
-        ]
+        name = f"{prefix}embeddings.patch_embeddings.projection.{suffix}"
+        out[f"{embed}.patch_embeddings.projection.{suffix}"] = (name, tensors[name])
     grid = config.image_size // config.patch_size
-    pos = tensors[f"{prefix}embeddings.position_embeddings"][0]
+    pos_name = f"{prefix}embeddings.position_embeddings"
+    pos = tensors[pos_name][0]
     extra = pos.shape[0] - int(round(np.sqrt(pos.shape[0] - 1))) ** 2  # class (+ distillation)
     pos = pos[extra:]
     side = int(round(np.sqrt(pos.shape[0])))
     pos = pos.reshape(side, side, width)
     if side != grid:
         pos = np.asarray(resize.bicubic_resize(pos, (grid, grid)))
-    out[f"{embed}.position_embeddings"] = pos.reshape(1, grid * grid, width)
+    out[f"{embed}.position_embeddings"] = (pos_name, pos.reshape(1, grid * grid, width))
 
     layer = 0
     for stage, depth in enumerate(config.depths):
         for j in range(depth):
             for vit_name, ours in _VIT_BLOCK.items():
                 for suffix in ("weight", "bias"):
-                    out[f"vision_model.encoder.stages.{stage}.layers.{j}.{ours}.{suffix}"] = (
-                        tensors[f"{prefix}encoder.layer.{layer}.{vit_name}.{suffix}"]
-                    )
+                    name = f"{prefix}encoder.layer.{layer}.{vit_name}.{suffix}"
+                    ours_name = f"vision_model.encoder.stages.{stage}.layers.{j}.{ours}.{suffix}"
+                    out[ours_name] = (name, tensors[name])
             layer += 1
     return out
 
@@ -104,12 +102,16 @@ def _from_vit(
     tensors = model_files.read_safetensors(str(folder / "model.safetensors"))
     names = huggingface.hf_name_map(config)
     loaded = {}
-    for hf_name, value in _vit_as_groupvit_tensors(tensors, vit_config, config).items():
-        path, (from_hf, _) = names[hf_name]
-        value = from_hf(np.asarray(value, np.float32))
-        if value.shape != shapes[path]:
-            raise ValueError(f"{hf_name}: shape {value.shape} does not fit {path} {shapes[path]}")
-        loaded[path] = value
+    for hf_name, (vit_name, value) in _vit_as_groupvit_tensors(tensors, vit_config, config).items():
+        path, (from_hf, to_hf) = names[hf_name]
+        value = np.asarray(value, np.float32)
+        needed = to_hf(np.zeros(shapes[path], np.float32)).shape
+        if value.shape != needed:
+            raise ValueError(
+                f"model_init {folder}: {vit_name} has shape {value.shape}; the model needs "
+                f"{needed} ({path})"
+            )
+        loaded[path] = from_hf(value)
     fresh = sorted({p.rsplit("/", 1)[0] for p in shapes if p not in loaded})
     logging.info(
         "model_init from ViT %s: loaded %d tensors (patch and position embedding, %d "
@@ -120,6 +122,21 @@ def _from_vit(
         ", ".join(fresh),
     )
     return loaded
+
+
+SCRATCH = ("", "none")  # `config.model_init` values that train from scratch
+
+
+def check_source(source: str) -> None:
+    """Fails with one line naming the flag when `config.model_init` names no existing path."""
+    if source.lower() in SCRATCH or epath.Path(source).expanduser().exists():
+        return
+    raise FileNotFoundError(
+        f"config.model_init: {source} does not exist; give a Hugging Face DeiT-S/16 folder "
+        "(facebook/deit-small-patch16-224: config.json + model.safetensors), a checkpoint or a "
+        "training workdir with --config.model_init=DIR, or --config.model_init=none to train "
+        "from scratch"
+    )
 
 
 def load_initial_variables(
@@ -134,9 +151,14 @@ def load_initial_variables(
     """
     folder = epath.Path(source).expanduser()
     hf_config_file = folder / "config.json"
-    if hf_config_file.exists() and (folder / "model.safetensors").exists():
+    if hf_config_file.exists():
         hf_config = json.loads(hf_config_file.read_text())
         if hf_config.get("model_type") in _VIT_TYPES:
+            if not (folder / "model.safetensors").exists():
+                raise FileNotFoundError(
+                    f"model_init {source}: a {hf_config['model_type']} folder without "
+                    "model.safetensors (the weights are read without torch)"
+                )
             return _from_vit(shapes, folder, hf_config, config)
     loaded = model_files.flatten_tree(checkpointing.load_variables(source)[0])
     model_files.check_shapes(
