@@ -1,20 +1,25 @@
-r"""Zero-shot segmentation of a checkpoint on an evaluation set (docs/method.md §2).
+r"""Zero-shot evaluation of a checkpoint: segmentation (docs/method.md §2), classification or
+image-text retrieval, as the eval config's `type` says.
 
   python -m mixreorg_jax.evaluate --config configs/eval/voc.py \
       --config.data_dir=~/data --checkpoint=/tmp/mixreorg_demo --output_dir=/tmp/eval_voc
+  python -m mixreorg_jax.evaluate --config configs/eval/imagenet.py \
+      --config.data_dir=~/data/imagenet/val --config.class_names=~/data/imagenet/names.txt \
+      --checkpoint=/tmp/mixreorg_demo --output_dir=/tmp/eval_imagenet
 
 `--checkpoint`: a training workdir, an exported or converted model checkpoint, or a Hugging Face
-GroupViT folder. Writes `OUTPUT_DIR/results.json` (mIoU, per-class IoU, the trivial baselines, the
-protocol's settings) and prints a per-class table; `--config.save_predictions=N` also writes the
-first N images' predicted masks (`predictions/ID.png`, indexed PNGs of the label values) and
-pictures (`pictures/ID.png`: image, prediction, ground truth; `pictures/ID_groups.png`: the final
-groups). `--config.max_images=N` evaluates the first N images only (a quick check, or a throughput
+GroupViT folder. Writes `OUTPUT_DIR/results.json` (the metrics and the protocol's settings; for a
+segmentation also per-class IoU and the trivial baselines, printed as a per-class table) and
+prints a summary line. For a segmentation, `--config.save_predictions=N` also writes the first N
+images' predicted masks (`predictions/ID.png`, indexed PNGs of the label values) and pictures
+(`pictures/ID.png`: image, prediction, ground truth; `pictures/ID_groups.png`: the final groups).
+`--config.max_images=N` evaluates the first N images only (a quick check, or a throughput
 measurement: results.json has `images_per_second` with and without compilation).
 
-The evaluation is the training loop's evaluator (`mixreorg_jax/evaluation/segmentation.py`),
-built by the same factory (`mixreorg_jax/evaluation/offline.py`). On several hosts, start the same
-command on each: every host takes its share of the images on its own devices, and the confusion
-matrices are summed.
+The evaluation is the training loop's evaluator (`mixreorg_jax/evaluation/segmentation.py`,
+`classification.py`, `retrieval.py`), built by the same factory
+(`mixreorg_jax/evaluation/offline.py`). On several hosts, start the same command on each: every
+host takes its share of the images on its own devices, and the counts are summed.
 """
 
 import ml_collections

@@ -22,7 +22,7 @@ from PIL import Image
 
 from mixreorg_jax import evaluate, evaluation
 from mixreorg_jax.data import segmentation_sets
-from mixreorg_jax.evaluation import inference, segmentation, segmentation_settings
+from mixreorg_jax.evaluation import inference, segmentation, segmentation_settings, visualize
 from mixreorg_jax.formats import huggingface
 from mixreorg_jax.models import groupvit
 from mixreorg_jax.ops import miou as miou_ops
@@ -321,6 +321,7 @@ def test_perfect_prediction_gives_miou_exactly_one(checkpoint, monkeypatch, tmp_
                 bg_thresh="auto",
                 bg_thresh_split="train",
                 bg_sweep=(0.3, 0.7),
+                summary_images=0,
                 **SMALL_PROTOCOL,
             ),
         }
@@ -341,6 +342,19 @@ def test_perfect_prediction_gives_miou_exactly_one(checkpoint, monkeypatch, tmp_
         np.mean(valid == 0) / len(np.unique(valid))
     )
     assert auto["bg_thresh"] == 0.7 and auto["miou"] == 1.0
+
+    # The image summary (summary_images=4; two images here): the predicted masks, which are the
+    # ground truth with ignored pixels background, over the images, fitted into 32 x 32.
+    assert "overlays" not in auto
+    overlays = fixed.pop("overlays")
+    assert overlays.shape == (2, 32, 32, 3) and overlays.dtype == np.uint8
+    assert all(isinstance(v, float) for v in fixed.values())
+    dataset = segmentation_sets.get_segmentation_dataset("voc", str(tmp_path))
+    for overlay, example in zip(overlays, [dataset[k] for k in range(len(dataset))]):
+        prediction = np.where(example["label"] == 255, 0, example["label"])
+        expected = visualize.summary_overlay(example["image"], prediction, True, 32)
+        np.testing.assert_array_equal(overlay, expected)
+    assert not np.array_equal(overlays[0], visualize.fit_square(dataset[0]["image"], 32))
 
 
 def test_bad_input_is_a_one_line_error(checkpoint, voc, tmp_path, cli_with_bad_input):
@@ -395,6 +409,11 @@ def test_configs_and_settings():
     ) == ("context59", None)
     with pytest.raises(ValueError, match="known: 60, 59"):
         load_eval_config("context", "61")
+    assert load_eval_config("imagenet").type == "classification"
+    retrieval_config = load_eval_config("retrieval")
+    assert (retrieval_config.type, retrieval_config.max_images) == ("retrieval", 1000)
+    for name in ("voc", "imagenet", "retrieval"):
+        assert load_eval_config(name).enabled
     assert inference.expand_templates(("imagenet80",))[:1] == ("a bad photo of a {}.",)
     with pytest.raises(ValueError, match="'{}'"):
         inference.expand_templates(("a photo",))

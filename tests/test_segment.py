@@ -162,3 +162,11 @@ def test_label_palette_and_png_round_trip(tmp_path):
     labels[0, 0] = 255
     visualize.save_label_png(str(tmp_path / "l.png"), labels, visualize.label_palette())
     np.testing.assert_array_equal(np.array(Image.open(tmp_path / "l.png")), labels)
+
+
+def test_fit_square_keeps_the_aspect_ratio_on_black():
+    image = np.full((20, 40, 3), 200, np.uint8)
+    square = visualize.fit_square(image, 32)
+    assert square.shape == (32, 32, 3) and square.dtype == np.uint8
+    # Scaled by 0.8 to 16 x 32, centred: rows 8-23 the image, the rest black.
+    assert (square[8:24] == 200).all() and (square[:8] == 0).all() and (square[24:] == 0).all()

@@ -97,7 +97,7 @@ class DatasetSpec:
     weight: float
 
 
-def _version_dir(path: epath.Path) -> str:
+def version_dir(path: epath.Path) -> str:
     """`path` if it holds dataset_info.json, else its one (or newest) version sub-directory."""
     if (path / "dataset_info.json").exists():
         return str(path)
@@ -151,7 +151,7 @@ def resolve_datasets(data_config) -> list[DatasetSpec]:
             raise ValueError(f"config.data.weights: {weight!r} is not a number") from None
         if weight <= 0:
             raise ValueError(f"config.data.weights: {path} has weight {weight}; it must be > 0")
-        specs.append(DatasetSpec(_version_dir(path), split, weight))
+        specs.append(DatasetSpec(version_dir(path), split, weight))
     return specs
 
 

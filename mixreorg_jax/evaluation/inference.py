@@ -1,12 +1,18 @@
-"""The one inference engine: pictures and class names in, labels out (docs/method.md §2).
+"""The one inference engine: pictures and class names in, labels out (docs/method.md §2), and
+the embeddings that zero-shot classification and retrieval compare.
 
 GroupViT's released zero-shot protocol, the same code behind `python -m mixreorg_jax.segment`,
-`mixreorg_jax.load(path).segment(...)`, the eval binary and the in-loop evaluator:
+`mixreorg_jax.load(path).segment(...)`, the eval binary and the in-loop evaluators:
+
+    embedder = Embedder(model_config, mesh, batch=64)              # images and texts
+    variables = embedder.place(variables)
+    image_emb = embedder.image_embeddings(variables, images)       # float[n, D], L2-normalised
+    text_emb = embedder.text_embeddings(variables, ["a dog on a sofa", ...])
 
     labels = segment(variables, model_config, image, ["cat", "dog"], bg_thresh=0.5)  # one picture
 
     segmenter = Segmenter(model_config, mesh, short_side=448, max_long=2048, window=448,
-                          stride=224, top_k=5, batch=8)                           # a dataset
+                          stride=224, top_k=5, batch=8)     # a dataset; also an Embedder
     variables = segmenter.place(variables)
     class_emb = segmenter.class_embeddings(variables, class_names, expand_templates(templates))
     for result in segmenter.segment(variables, class_emb, examples, thresholds=(0.95,),
@@ -102,7 +108,17 @@ def encode_crops(variables, crops, *, model_config):
 
 
 @functools.partial(jax.jit, static_argnames=("model_config",))
-def _encode_text(variables, tokens, *, model_config):
+def embed_images(variables, images, *, model_config):
+    """float[n, h, w, 3] normalised images -> their pooled, projected, L2-normalised embeddings
+    [n, D] (docs/method.md §1)."""
+    return groupvit.GroupViT(model_config).apply(
+        variables, images, method=groupvit.GroupViT.encode_image
+    )["embedding"]
+
+
+@functools.partial(jax.jit, static_argnames=("model_config",))
+def embed_texts(variables, tokens, *, model_config):
+    """int[n, L] tokens -> their projected, L2-normalised text embeddings [n, D]."""
     return groupvit.GroupViT(model_config).apply(
         variables, tokens, method=groupvit.GroupViT.encode_text
     )["embedding"]
@@ -235,6 +251,17 @@ def finish_image(
     return predictions, confusions
 
 
+def zero_confusions(
+    num_thresholds: int, num_label_classes: int, has_background: bool
+) -> dict[str, np.ndarray]:
+    """int64 zeros shaped as `finish_image`'s confusions: where a dataset's sums start."""
+    k = num_label_classes
+    zeros = {"prediction": np.zeros((max(num_thresholds, 1), k, k), np.int64)}
+    baselines = (("all_background",) if has_background else ()) + ("top_class", "group_oracle")
+    zeros.update({name: np.zeros((k, k), np.int64) for name in baselines})
+    return zeros
+
+
 def nearest_resize(label: np.ndarray, out_hw: Sequence[int]) -> np.ndarray:
     """Nearest-neighbour resize of a label map [H, W] (pixel centres, like PIL's NEAREST)."""
     rows = np.minimum(
@@ -301,7 +328,69 @@ def _host_copy_if_global(x):
     return x
 
 
-class Segmenter:
+class Embedder:
+    """A model on this process's devices: texts and images in, L2-normalised embeddings out.
+
+    Inputs go to the model in calls of a fixed size split over the devices (`batch` images,
+    rounded up to a multiple of the device count; `_TEXT_CHUNK` texts), the last call
+    zero-padded and the padding dropped, so each input shape compiles once.
+    """
+
+    def __init__(
+        self, model_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None, *, batch: int
+    ):
+        self.model_config = inference_config(model_config)
+        self.mesh = local_mesh(mesh)
+        devices = self.mesh.devices.size
+        self.batch = max(devices, math.ceil(batch / devices) * devices)
+        self._tokenizer = get_tokenizer(model_config.context_length)
+
+    def place(self, variables: dict) -> dict:
+        """The model's variables replicated on this process's devices."""
+        variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+        variables = jax.tree.map(_host_copy_if_global, variables)
+        return jax.device_put(variables, sharding.replicated(self.mesh))
+
+    def _in_calls(self, fn, variables: dict, inputs: np.ndarray, size: int) -> jax.Array:
+        """fn(variables, inputs) [n, D] in calls of `size` rows (a multiple of the devices)."""
+        padded = np.concatenate(
+            [inputs, np.zeros((-len(inputs) % size, *inputs.shape[1:]), inputs.dtype)]
+        )
+        batch_sharding = sharding.batch_sharding(self.mesh)
+        outputs = [
+            fn(
+                variables,
+                jax.device_put(padded[i : i + size], batch_sharding),
+                model_config=self.model_config,
+            )
+            for i in range(0, len(padded), size)
+        ]
+        if not outputs:
+            return jnp.zeros((0, self.model_config.projection_dim))
+        return jnp.concatenate(outputs)[: len(inputs)]
+
+    def image_embeddings(self, variables: dict, images: np.ndarray) -> jax.Array:
+        """float[n, D] embeddings of float[n, h, w, 3] normalised images (`embed_images`)."""
+        return self._in_calls(embed_images, variables, np.asarray(images, np.float32), self.batch)
+
+    def text_embeddings(self, variables: dict, texts: Sequence[str]) -> jax.Array:
+        """float[n, D] embeddings of `texts` (`embed_texts`), tokenised for the model."""
+        devices = self.mesh.devices.size
+        chunk = math.ceil(_TEXT_CHUNK / devices) * devices
+        return self._in_calls(embed_texts, variables, self._tokenizer(list(texts)), chunk)
+
+    def class_embeddings(
+        self, variables: dict, class_names: Sequence[str], templates: Sequence[str]
+    ) -> jax.Array:
+        """float[C, D], replicated: each class's text embeddings averaged over the templates,
+        then L2-normalised (docs/method.md §2, step 2)."""
+        texts = [template.format(name) for name in class_names for template in templates]
+        embeddings = self.text_embeddings(variables, texts)
+        mean = jnp.mean(embeddings.reshape(len(class_names), len(templates), -1), axis=1)
+        return jax.device_put(groupvit.l2_normalize(mean), sharding.replicated(self.mesh))
+
+
+class Segmenter(Embedder):
     """A model and the protocol's settings on this process's devices: images in, labels out."""
 
     def __init__(
@@ -316,47 +405,10 @@ class Segmenter:
         top_k: int,
         batch: int,
     ):
-        self.model_config = inference_config(model_config)
-        self.mesh = local_mesh(mesh)
+        super().__init__(model_config, mesh, batch=batch)
         self.short_side, self.max_long = short_side, max_long
         self.window, self.stride, self.top_k = window, stride, top_k
-        devices = self.mesh.devices.size
-        self.batch = max(devices, math.ceil(batch / devices) * devices)
-        self._tokenizer = get_tokenizer(model_config.context_length)
         self._num_groups = model_config.num_output_groups[-1]
-
-    def place(self, variables: dict) -> dict:
-        """The model's variables replicated on this process's devices."""
-        variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-        variables = jax.tree.map(_host_copy_if_global, variables)
-        return jax.device_put(variables, sharding.replicated(self.mesh))
-
-    def class_embeddings(
-        self, variables: dict, class_names: Sequence[str], templates: Sequence[str]
-    ) -> jax.Array:
-        """float[C, D]: each class's projected text embeddings averaged over the templates, then
-        L2-normalised (docs/method.md §2, step 2)."""
-        texts = [template.format(name) for name in class_names for template in templates]
-        tokens = self._tokenizer(texts)
-        # One chunk size for every class list (one compilation), split over the devices.
-        devices = self.mesh.devices.size
-        chunk = math.ceil(_TEXT_CHUNK / devices) * devices
-        tokens = np.concatenate(
-            [tokens, np.zeros((-len(tokens) % chunk,) + tokens.shape[1:], tokens.dtype)]
-        )
-        batch_sharding = sharding.batch_sharding(self.mesh)
-        embeddings = jnp.concatenate(
-            [
-                _encode_text(
-                    variables,
-                    jax.device_put(tokens[i : i + chunk], batch_sharding),
-                    model_config=self.model_config,
-                )
-                for i in range(0, len(tokens), chunk)
-            ]
-        )[: len(texts)]
-        mean = jnp.mean(embeddings.reshape(len(class_names), len(templates), -1), axis=1)
-        return jax.device_put(groupvit.l2_normalize(mean), sharding.replicated(self.mesh))
 
     def _prepare(self, index: int, example: dict) -> _PreparedImage:
         image = np.asarray(example["image"])

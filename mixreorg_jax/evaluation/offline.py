@@ -2,8 +2,8 @@
 
     results = evaluate_checkpoint(config, "/tmp/mixreorg_demo", "/tmp/eval_voc")
 
-`config` is an eval config (`configs/eval/*.py`, fields of `segmentation_settings.default_config`);
-the evaluator is built by the same factory as the training loop's (`evaluation.create`).
+`config` is an eval config (`configs/eval/*.py`): its `type` ('segmentation' when it has none)
+names the evaluator, which the same factory as the training loop's builds (`evaluation.build`).
 """
 
 import json
@@ -53,13 +53,20 @@ def format_table(results: dict) -> str:
 
 
 def _summary(results: dict, eval_config: ml_collections.ConfigDict) -> str:
-    """One line: the split, the images, the threshold, the time and the throughput."""
-    chosen = f" (chosen on {eval_config.bg_thresh_split})" if "bg_thresh_sweep" in results else ""
+    """One line: the split, the images, the metrics (or the background threshold), the time and
+    the throughput."""
+    if "metrics" in results:
+        measured = ", ".join(f"{k} {100 * v:.1f}%" for k, v in results["metrics"].items())
+    else:
+        chosen = (
+            f" (chosen on {eval_config.bg_thresh_split})" if "bg_thresh_sweep" in results else ""
+        )
+        measured = f"bg_thresh {results['bg_thresh']}{chosen}"
     steady = results["images_per_second_after_compilation"]
+    split = f":{results['split']}" if results["split"] else ""
     return (
-        f"{results['dataset']}:{results['split']}, {results['num_images']} images, "
-        f"bg_thresh {results['bg_thresh']}{chosen}, {results['seconds']:.1f} s "
-        f"({results['images_per_second']:.2f} images/s"
+        f"{results['dataset']}{split}, {results['num_images']} images, "
+        f"{measured}, {results['seconds']:.1f} s ({results['images_per_second']:.2f} images/s"
         + (f"; {steady:.2f} after compilation" if steady else "")
         + ")"
     )
@@ -70,9 +77,9 @@ def evaluate_checkpoint(
 ) -> dict:
     """Evaluates `checkpoint` (a model checkpoint, training workdir or HF GroupViT folder) with
     `eval_config` on all local devices; process 0 writes OUTPUT_DIR/results.json (strict JSON:
-    NaN as null) and prints the per-class table and a summary line.
+    NaN as null) and prints a summary line (after the per-class table of a segmentation).
 
-    Returns the results (`segmentation.Evaluator.evaluate`'s, with `checkpoint`, NaN as None).
+    Returns the results (the evaluator's `evaluate`, with `checkpoint`, NaN as None).
     Raises ValueError (a bad setting) or FileNotFoundError (no model, no data).
     """
     if not checkpoint:
@@ -80,12 +87,13 @@ def evaluate_checkpoint(
     if not output_dir:
         raise ValueError("--output_dir is required")
     variables, model_config = checkpointing.load_variables(checkpoint)
-    eval_config.output_dir = output_dir
-    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
-    [(_, evaluator)] = evaluation.create(
-        ml_collections.ConfigDict({"segmentation": eval_config}),
+    if "output_dir" in eval_config:
+        eval_config.output_dir = output_dir
+    evaluator = evaluation.build(
+        eval_config.get("type", "segmentation"),
+        eval_config,
         model=groupvit.GroupViT(model_config),
-        mesh=mesh,
+        mesh=sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1))),
         config=None,
     )
     results = evaluator.evaluate(variables)
@@ -95,7 +103,8 @@ def evaluate_checkpoint(
         path = os.path.join(output_dir, "results.json")
         with open(path, "w") as f:
             json.dump(results, f, indent=2, allow_nan=False)
-        print(format_table(results))
+        if "per_class_iou" in results:
+            print(format_table(results))
         print(_summary(results, eval_config))
         print(f"wrote {path}")
     return results

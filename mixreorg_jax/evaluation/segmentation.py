@@ -4,19 +4,16 @@ In the training loop (`config.evals.seg = dict(type='segmentation', dataset='syn
 every_steps=500)`) and in the eval binary (`python -m mixreorg_jax.evaluate`) alike:
 
     evaluator = Evaluator(eval_config, model=groupvit.GroupViT(model_config), mesh=mesh)
-    evaluator.run(state)          # {'miou': ..., 'miou_top_class': ..., ...}, fractions
+    evaluator.run(state)          # {'miou': ..., 'miou_top_class': ..., 'overlays': ...}
     evaluator.evaluate(variables) # everything the binary writes to results.json
 
 The fields and their checks are `segmentation_settings`; the images go through the inference
-engine (`inference.Segmenter`), read a few ahead by threads. Each process evaluates every
-`process_count`-th image on its own devices; the confusion matrices are summed over processes.
-Beside the model's mIoU come the engine's trivial references (all_background, top_class,
-group_oracle). `bg_thresh='auto'` sweeps `bg_sweep` on `bg_thresh_split` and evaluates `split`
-with the threshold of the best mIoU there.
+engine (`inference.Segmenter`). Each process evaluates its share of the images (`loop`) on its own
+devices; the confusion matrices are summed over processes. Beside the model's mIoU come the
+engine's trivial references (all_background, top_class, group_oracle). `bg_thresh='auto'` sweeps
+`bg_sweep` on `bg_thresh_split` and evaluates `split` with the threshold of the best mIoU there.
 """
 
-import collections
-import concurrent.futures
 import math
 import time
 from typing import Any
@@ -24,43 +21,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from mixreorg_jax import evaluation
-from mixreorg_jax.evaluation import inference, segmentation_settings, visualize
+from mixreorg_jax.evaluation import inference, loop, segmentation_settings, visualize
 from mixreorg_jax.models import groupvit
 from mixreorg_jax.ops import miou as miou_ops
-
-_READ_AHEAD = 8  # images decoded ahead of the model
-# The settings the inference engine takes as they are (its batch is rounded to the devices).
-_ENGINE_FIELDS = ("short_side", "max_long", "window", "stride", "top_k")
-_BASELINES = ("all_background", "top_class", "group_oracle")
-
-
-def _read_ahead(dataset, indices):
-    """(index, dataset[index]) in order, decoded by threads a few images ahead."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        pending = collections.deque()
-        for index in indices:
-            pending.append((index, pool.submit(dataset.__getitem__, index)))
-            if len(pending) >= _READ_AHEAD:
-                i, future = pending.popleft()
-                yield i, future.result()
-        while pending:
-            i, future = pending.popleft()
-            yield i, future.result()
-
-
-def sum_over_processes(counts: np.ndarray) -> np.ndarray:
-    """int64 counts summed over all processes (exact: sent as two int32 halves)."""
-    counts = np.asarray(counts, np.int64)
-    if jax.process_count() == 1:
-        return counts
-    high, low = np.divmod(counts, 1 << 30)
-    gathered = np.asarray(
-        multihost_utils.process_allgather(np.stack([high, low]).astype(np.int32)), np.int64
-    )
-    return (gathered[:, 0] * (1 << 30) + gathered[:, 1]).sum(axis=0)
 
 
 def _miou_dict(class_names, confusion) -> dict[str, Any]:
@@ -91,97 +56,76 @@ class Evaluator:
         self.dataset, self.threshold_dataset = segmentation_settings.open_splits(s)
         self.class_names = list(self.dataset.class_names)
         self.has_background = bool(self.dataset.has_background)
-        self.segmenter = inference.Segmenter(
-            model.config, mesh, batch=s.batch, **{k: s[k] for k in _ENGINE_FIELDS}
-        )
+        self.segmenter = segmentation_settings.make_segmenter(s, model.config, mesh)
 
     def due(self, step: int, total_steps: int) -> bool:
         return self.schedule.due(step, total_steps)
 
-    def run(self, state: dict) -> dict[str, float]:
-        """Scalars for the training loop's metrics (fractions)."""
-        results = self.evaluate(
-            {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
-        )
+    def run(self, state: dict) -> dict[str, Any]:
+        """The training loop's metrics: scalars (fractions) and, with `summary_images`, `overlays`
+        uint8[N, window, window, 3], the predicted masks over this process's first N images."""
+        variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
+        results = self.evaluate(variables, overlays=self.settings.summary_images)
         scalars = {"miou": results["miou"]}
         scalars.update({f"miou_{name}": r["miou"] for name, r in results["baselines"].items()})
         if self.bg_thresh == "auto":
             scalars["bg_thresh"] = results["bg_thresh"]
+        if self.settings.summary_images:
+            scalars["overlays"] = results["overlays"]
         return scalars
 
-    def _confusions(self, dataset, variables, class_emb, thresholds, *, save: bool):
+    def _confusions(self, dataset, variables, class_emb, thresholds, *, save=0, overlays=0):
         """(confusion matrices {name: int64 [K, K]; 'prediction' [max(T, 1), K, K]} summed over
-        processes, the number of images, this process's images/s after the first model calls'
-        images: None with one call or several processes)."""
-        k, save_count = len(self.class_names), self.settings.save_predictions if save else 0
-        totals = {"prediction": np.zeros((max(len(thresholds), 1), k, k), np.int64)}
-        for name in _BASELINES[0 if self.has_background else 1 :]:
-            totals[name] = np.zeros((k, k), np.int64)
-
-        def add(confusions):
-            for name, cm in jax.device_get(confusions).items():
-                totals[name] += cm
-
-        count = min(len(dataset), self.settings.max_images or len(dataset))
-        indices = range(jax.process_index(), count, jax.process_count())
-        results = self.segmenter.segment(
+        processes, the number of images, `loop.Throughput.rate`, the `summary_overlay`s of this
+        process's first `overlays` images); pictures of the images indexed below `save` go to
+        `output_dir`."""
+        k = len(self.class_names)
+        totals = loop.Totals(inference.zero_confusions(len(thresholds), k, self.has_background))
+        throughput, pictures = loop.Throughput(), []
+        indices = loop.process_indices(len(dataset), self.settings.max_images)
+        for result in self.segmenter.segment(
             variables,
             class_emb,
-            _read_ahead(dataset, indices),
+            loop.read_ahead(dataset.__getitem__, indices),
             thresholds=thresholds,
             num_label_classes=k,
-            keep_groups=lambda index: index < save_count,
-        )
-        in_flight, num_images, steady_images, steady_start = collections.deque(), 0, 0, None
-        for result in results:
-            num_images += 1
-            # Throughput without compilation: from the end of the first model calls' images
-            # (whose next calls are not launched before this loop asks for them).
-            if result.call_group == 0:
-                jax.block_until_ready(result.predictions)
-                steady_start = time.perf_counter()
-            else:
-                steady_images += 1
-            # Fetched two images late, so the host never waits on work it just launched.
-            in_flight.append(result.confusions)
-            if len(in_flight) > 2:
-                add(in_flight.popleft())
-            if result.index < save_count:
-                self._save_pictures(result)
-        while in_flight:
-            add(in_flight.popleft())
-        steady = jax.process_count() == 1 and steady_images
-        rate = steady_images / (time.perf_counter() - steady_start) if steady else None
-        totals = {name: sum_over_processes(cm) for name, cm in totals.items()}
-        return totals, int(sum_over_processes(np.array([num_images]))[0]), rate
-
-    def _save_pictures(self, result: inference.ImageResult) -> None:
-        example = result.example
-        visualize.save_pictures(
-            self.settings.output_dir,
-            str(example.get("id", result.index)),
-            example["image"],
-            np.asarray(result.predictions[0]),
-            example["label"],
-            result.groups,
-            self.class_names,
-            self.has_background,
-        )
+            keep_groups=lambda index: index < save,
+        ):
+            # The images of the first model calls, whose next calls are only launched when this
+            # loop asks for them, start the clock.
+            throughput.add(1, result.predictions, first=result.call_group == 0)
+            totals.add(result.confusions)
+            if result.index < save:
+                visualize.save_pictures(
+                    self.settings.output_dir,
+                    result.example,
+                    result.predictions[0],
+                    result.groups,
+                    self.class_names,
+                    self.has_background,
+                )
+            if len(pictures) < overlays:
+                image, prediction = result.example["image"], result.predictions[0]
+                side = self.settings.window
+                pictures.append(
+                    visualize.summary_overlay(image, prediction, self.has_background, side)
+                )
+        num_images = int(loop.sum_over_processes(np.array([throughput.images]))[0])
+        pictures = np.array(pictures, np.uint8).reshape(-1, *(self.settings.window,) * 2, 3)
+        return totals.summed(), num_images, throughput.rate(), pictures
 
     def _choose_bg_thresh(self, variables, class_emb) -> tuple[float, dict[str, float]]:
         """bg_thresh='auto': the sweep's threshold of the best mIoU on `bg_thresh_split`, and
         {threshold: mIoU} of the sweep."""
         s = self.settings
         sweep = tuple(float(t) for t in s.bg_sweep)
-        totals, _, _ = self._confusions(
-            self.threshold_dataset, variables, class_emb, sweep, save=False
-        )
+        totals, *_ = self._confusions(self.threshold_dataset, variables, class_emb, sweep)
         mious = [miou_ops.miou_from_confusion(cm)[0] for cm in totals["prediction"]]
         if all(math.isnan(m) for m in mious):
             raise ValueError(f"no labelled pixels in {s.dataset}:{s.bg_thresh_split}")
         return sweep[int(np.nanargmax(mious))], {str(t): m for t, m in zip(sweep, mious)}
 
-    def evaluate(self, variables: dict) -> dict[str, Any]:
+    def evaluate(self, variables: dict, *, overlays: int = 0) -> dict[str, Any]:
         """Evaluates model variables {'params', 'batch_stats'}; every process gets the results.
 
         Returns (fractions; IoUs of classes absent from ground truth and predictions are None):
@@ -189,28 +133,30 @@ class Evaluator:
             used), baselines {all_background, top_class, group_oracle: {miou, per_class_iou}},
             confusion_matrix (rows ground truth), class_names, protocol (the settings), seconds
             and images_per_second (compilation included), images_per_second_after_compilation
-            (see `_confusions`), and for bg_thresh='auto' bg_thresh_sweep {threshold: mIoU} on
-            `bg_thresh_split`.
+            (see `_confusions`), for bg_thresh='auto' bg_thresh_sweep {threshold: mIoU} on
+            `bg_thresh_split`, and with `overlays` > 0 the overlays of `run`.
         """
+        start, s = time.perf_counter(), self.settings
         # The evaluator places every array itself: the caller's mesh context (the training
         # loop's) would clash with the arrays kept on one device for merging.
         with jax.set_mesh(None):
-            return self._evaluate(variables)
-
-    def _evaluate(self, variables: dict) -> dict[str, Any]:
-        start, s = time.perf_counter(), self.settings
-        variables = self.segmenter.place(variables)
-        text_classes = self.class_names[1:] if self.has_background else self.class_names
-        class_emb = self.segmenter.class_embeddings(variables, text_classes, self.templates)
-        results: dict[str, Any] = {"dataset": s.dataset, "split": s.split}
-        if self.bg_thresh == "auto":
-            bg_thresh, results["bg_thresh_sweep"] = self._choose_bg_thresh(variables, class_emb)
-            thresholds = (bg_thresh,)
-        else:
-            thresholds = () if self.bg_thresh is None else (self.bg_thresh,)
-        totals, num_images, steady_rate = self._confusions(
-            self.dataset, variables, class_emb, thresholds, save=True
-        )
+            variables = self.segmenter.place(variables)
+            text_classes = self.class_names[1:] if self.has_background else self.class_names
+            class_emb = self.segmenter.class_embeddings(variables, text_classes, self.templates)
+            results: dict[str, Any] = {"dataset": s.dataset, "split": s.split}
+            if self.bg_thresh == "auto":
+                bg_thresh, results["bg_thresh_sweep"] = self._choose_bg_thresh(variables, class_emb)
+                thresholds = (bg_thresh,)
+            else:
+                thresholds = () if self.bg_thresh is None else (self.bg_thresh,)
+            totals, num_images, steady_rate, pictures = self._confusions(
+                self.dataset,
+                variables,
+                class_emb,
+                thresholds,
+                save=s.save_predictions,
+                overlays=overlays,
+            )
         prediction = totals.pop("prediction")[0]
         seconds = time.perf_counter() - start
         return dict(
@@ -221,17 +167,9 @@ class Evaluator:
             baselines={name: _miou_dict(self.class_names, cm) for name, cm in totals.items()},
             confusion_matrix=prediction.tolist(),
             class_names=self.class_names,
-            protocol=dict(
-                templates=list(self.templates),
-                bg_thresh=s.bg_thresh,
-                bg_thresh_split=s.bg_thresh_split if self.bg_thresh == "auto" else None,
-                **{k: s[k] for k in _ENGINE_FIELDS},
-                batch=self.segmenter.batch,
-                max_images=s.max_images,
-                local_devices=self.segmenter.mesh.devices.size,
-                processes=jax.process_count(),
-            ),
+            protocol=segmentation_settings.protocol(s, self.segmenter),
             seconds=seconds,
             images_per_second=num_images / seconds,
             images_per_second_after_compilation=steady_rate,
+            **({"overlays": pictures} if overlays else {}),
         )

@@ -4,15 +4,17 @@ the checks that make a partial eval config complete and consistent (docs/method.
     config = default_config("voc")                   # what configs/eval/voc.py returns
     settings = resolve(eval_config, model_config, train_config)
     dataset, threshold_dataset = open_splits(settings)
+    segmenter = make_segmenter(settings, model_config, mesh)
 """
 
 import os
 
+import jax
 import ml_collections
 from ml_collections import config_dict
 
 from mixreorg_jax.data import segmentation_sets
-from mixreorg_jax.evaluation import inference
+from mixreorg_jax.evaluation import inference, loop
 
 # Thresholds tried by bg_thresh='auto'; denser at the low end, where models trained with mixing
 # peak (docs/method.md §5).
@@ -35,6 +37,8 @@ DEFAULT_BG_SWEEP = (
     0.9,
     0.95,
 )
+# The settings the inference engine takes as they are (its batch is rounded to the devices).
+ENGINE_FIELDS = ("short_side", "max_long", "window", "stride", "top_k")
 
 
 def default_config(dataset: str) -> ml_collections.ConfigDict:
@@ -52,6 +56,9 @@ def default_config(dataset: str) -> ml_collections.ConfigDict:
       top_k: classes kept per crop. batch: crops per model call (rounded up to a multiple of
           the local device count).
       save_predictions: pictures and predicted masks of the first N images go to `output_dir`.
+      summary_images: the training loop's image summary: the predicted masks of this process's
+          first N images over the images, each fitted into window x window (0: none).
+      enabled: False leaves the evaluation out of the training loop.
       every_steps: the training loop's schedule (0: last step only).
     """
     if dataset not in segmentation_sets.DATASET_NAMES:
@@ -63,6 +70,7 @@ def default_config(dataset: str) -> ml_collections.ConfigDict:
     bg_thresh = "auto" if synthetic else segmentation_sets.DATASET_DEFAULTS[dataset]["bg_thresh"]
     c = ml_collections.ConfigDict()
     c.type = "segmentation"
+    c.enabled = True
     c.every_steps = 0
     c.dataset = dataset
     c.data_dir = ""
@@ -81,6 +89,7 @@ def default_config(dataset: str) -> ml_collections.ConfigDict:
     c.batch = 8
     c.save_predictions = 0
     c.output_dir = ""
+    c.summary_images = 4
     return c
 
 
@@ -105,24 +114,16 @@ def resolve(
     from the model, and a synthetic `data_dir` left empty from the train config's world.
 
     Raises ValueError naming the field for a missing dataset, an unknown field, a size below 1,
-    save_predictions without output_dir, or no data_dir.
+    a negative summary_images, save_predictions without output_dir, or no data_dir.
     """
     if "dataset" not in eval_config:
         raise ValueError(
             "segmentation evaluator: `dataset` is required; known: "
             f"{', '.join(segmentation_sets.DATASET_NAMES)}"
         )
-    settings = default_config(eval_config["dataset"])
-    for key, value in eval_config.items():
-        if key not in settings:
-            raise ValueError(
-                f"segmentation evaluator: unknown field {key!r}; known: "
-                f"{', '.join(sorted(settings))}"
-            )
-        try:
-            settings[key] = tuple(value) if isinstance(value, list) else value
-        except TypeError as e:
-            raise ValueError(f"segmentation evaluator: field {key!r}: {e}") from None
+    settings = loop.with_overrides(
+        default_config(eval_config["dataset"]), eval_config, "segmentation evaluator"
+    )
     if not settings.data_dir and settings.dataset == "synthetic" and train_config is not None:
         # Deferred: importing it registers the synthetic world's TFDS builder.
         from mixreorg_jax.data import synthetic_tfds
@@ -135,9 +136,11 @@ def resolve(
     settings.window = settings.window or model_config.image_size
     settings.short_side = settings.short_side or settings.window
     settings.stride = settings.stride or max(settings.window // 2, 1)
-    for key in ("window", "stride", "short_side", "max_long", "top_k", "batch"):
+    for key in ENGINE_FIELDS + ("batch",):
         if settings[key] < 1:
             raise ValueError(f"segmentation evaluator: {key} must be positive, got {settings[key]}")
+    if settings.summary_images < 0:
+        raise ValueError("segmentation evaluator: summary_images must be >= 0")
     if settings.save_predictions and not settings.output_dir:
         raise ValueError("segmentation evaluator: save_predictions needs output_dir")
     return settings
@@ -181,3 +184,28 @@ def open_splits(settings: ml_collections.ConfigDict) -> tuple:
             f"splits {settings.split!r} and {settings.bg_thresh_split!r} have different classes"
         )
     return dataset, threshold_dataset
+
+
+def make_segmenter(
+    settings: ml_collections.ConfigDict,
+    model_config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh | None,
+) -> inference.Segmenter:
+    """The inference engine with the protocol of `resolve`d settings on `mesh`."""
+    engine_settings = {k: settings[k] for k in ENGINE_FIELDS}
+    return inference.Segmenter(model_config, mesh, batch=settings.batch, **engine_settings)
+
+
+def protocol(settings: ml_collections.ConfigDict, segmenter: inference.Segmenter) -> dict:
+    """The settings that results.json records, with what the engine made of them."""
+    auto = parse_bg_thresh(settings.bg_thresh) == "auto"
+    return dict(
+        templates=list(inference.expand_templates(settings.templates)),
+        bg_thresh=settings.bg_thresh,
+        bg_thresh_split=settings.bg_thresh_split if auto else None,
+        **{k: settings[k] for k in ENGINE_FIELDS},
+        batch=segmenter.batch,
+        max_images=settings.max_images,
+        local_devices=segmenter.mesh.devices.size,
+        processes=jax.process_count(),
+    )

@@ -1,4 +1,5 @@
-"""Pictures of segmentations: label PNGs, overlays, prediction vs. ground truth, and the groups.
+"""Pictures of segmentations: label PNGs, overlays (also as image summaries), prediction vs.
+ground truth, and the groups.
 
 Label maps are saved as indexed (palette) PNGs, whose pixel values are the labels themselves, so
 any reader recovers them exactly (`numpy.array(PIL.Image.open(path))`) while viewers show colours.
@@ -73,6 +74,28 @@ def overlay(
     if background is not None:
         blended = np.where((np.asarray(labels) == background)[..., None], image, blended)
     return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+def fit_square(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8[size, size, 3]: an RGB image scaled to fit (aspect kept, bilinear), centred on black."""
+    height, width = image.shape[:2]
+    scale = size / max(height, width)
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))
+    square = np.zeros((size, size, 3), np.uint8)
+    top, left = (size - h) // 2, (size - w) // 2
+    resized = Image.fromarray(np.asarray(image, np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
+    square[top : top + h, left : left + w] = np.asarray(resized)
+    return square
+
+
+def summary_overlay(
+    image: np.ndarray, labels: np.ndarray, has_background: bool, size: int
+) -> np.ndarray:
+    """uint8[size, size, 3] for an image summary: `labels` over `image` (`overlay`; background
+    pixels, where the set has them, left as they are), fitted into a square (`fit_square`)."""
+    palette, labels = label_palette(has_background), np.asarray(labels)
+    blended = overlay(image, labels, palette, background=0 if has_background else None)
+    return fit_square(blended, size)
 
 
 def group_colours(num_ids: int) -> np.ndarray:
@@ -168,18 +191,18 @@ def save_grouping(path: str, image: np.ndarray, groups: np.ndarray) -> None:
 
 def save_pictures(
     output_dir: str,
-    name: str,
-    image: np.ndarray,
-    prediction: np.ndarray,
-    label: np.ndarray,
+    example: dict,
+    prediction,
     groups: np.ndarray,
     class_names,
     has_background: bool,
 ) -> None:
-    """An evaluated image's files under `output_dir`: predictions/NAME.png (the predicted labels,
-    an indexed PNG), pictures/NAME.png (`save_comparison`), pictures/NAME_groups.png
+    """An evaluated example's (dict(image, label, id)) files under `output_dir`, given its
+    predicted labels [H, W] (an array or a device array): predictions/ID.png (the predicted
+    labels, an indexed PNG), pictures/ID.png (`save_comparison`), pictures/ID_groups.png
     (`save_grouping`)."""
-    name = name.replace(os.sep, "_")
+    name = str(example["id"]).replace(os.sep, "_")
+    image, label, prediction = example["image"], example["label"], np.asarray(prediction)
     palette = label_palette(has_background)
     save_label_png(os.path.join(output_dir, "predictions", f"{name}.png"), prediction, palette)
     pictures = os.path.join(output_dir, "pictures")
