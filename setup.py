@@ -39,6 +39,16 @@ setuptools.setup(
     ],
     extras_require={
         # torch==2.13.0 is the CPU build available locally; the reference for numerical parity.
-        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "hypothesis", "ruff==0.17.6"],
+        # img2dataset fetches the paper smoke test's images (tests/test_paper.py); jax[tpu]'s
+        # libtpu compiles for a TPU slice without one (`benchmark --topology`).
+        "test": [
+            "torch==2.13.0",
+            "pytest",
+            "pytest-xdist",
+            "hypothesis",
+            "ruff==0.17.6",
+            "img2dataset==1.47.0",
+            "jax[tpu]",
+        ],
     },
 )

@@ -6,6 +6,7 @@ r"""Train-step throughput of GroupViT and MixReorg (and of PyTorch's GroupViT), 
       --config.data.batch_size=128 --config.model.dtype=bfloat16
   python -m mixreorg_jax.benchmark --config configs/mixreorg.py:paper --topology=v5e:2x2 \
       --config.data.batch_size=512 --config.model.dtype=bfloat16  # 128 per chip
+  python -m mixreorg_jax.benchmark --config configs/mixreorg.py:paper --topology v4-64
 
 The step is the trainer's own jitted update (`train_step.make_update_fn`) on random data of the
 config's shapes, so the data pipeline is not timed. `groupvit` is the same config with mixing off;
@@ -14,14 +15,28 @@ contrastive loss, AdamW) at the same sizes, batch and thread count, against our 
 with the same loss (multi-label off), and reports ours / PyTorch. `--memory_only` compiles without
 running and reports XLA's per-device memory analysis of each step (on CPU with XLA's
 memory-minimising scheduler, as accelerators schedule), and the bytes its forward pass saves for
-the backward pass (what rematerialisation shrinks). `--topology` compiles the step ahead of time
-with XLA's TPU compiler (`pip install libtpu`; no TPU needed) for a slice such as `v5e:2x2` (16 GiB
-of HBM per chip) and reports that compiler's memory analysis instead of the CPU's estimate.
+the backward pass (what rematerialisation shrinks).
+
+`--topology` compiles the step ahead of time with XLA's TPU compiler (libtpu, the version
+`jax[tpu]` pins: `pip install "jax[tpu]==$(python -c 'import jax; print(jax.__version__)')"`; no
+TPU needed) for a Cloud TPU slice, named as Cloud names it (`v4-64`: 64 TensorCores = 32 chips,
+`v5litepod-16`, `v6e-8`) or as libtpu does (`v5e:2x2`, `v4:2x4x4`), data-parallel over all its
+chips as the trainer lays the step out. It reports that compiler's per-chip memory analysis
+against the chip's HBM, the step's FLOPs from its cost analysis, and what the step would take at
+`--mfu` of the chip's peak bf16 rate: its time and the chip-hours of the config's epochs of
+`--train_samples` examples (NVlabs' GroupViT, for scale: 16 V100 for 2 days). The JSON line is
+followed by the same numbers as a markdown table.
 """
 
+import contextlib
+import glob
+import importlib.util
 import json
+import math
 import os
+import re
 import time
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -33,6 +48,8 @@ from mixreorg_jax import cli
 from mixreorg_jax.models import groupvit
 from mixreorg_jax.training import objective, sharding
 from mixreorg_jax.training import step as train_step
+
+VARIANTS = ("groupvit", "mixreorg")
 
 
 def define_flags():
@@ -46,10 +63,27 @@ def define_flags():
     flags.DEFINE_string(
         "topology",
         None,
-        "Compile ahead of time for this TPU slice (e.g. "
-        "`v5e:2x2`, 16 GiB per chip) and report its memory analysis; needs "
-        "`pip install libtpu`, not the TPU. Implies --memory_only.",
+        "Compile ahead of time for this TPU slice (`v4-64`, `v5litepod-16`, `v5e:2x2`, "
+        "`v4:2x4x4`) and report its memory analysis, FLOPs and projected training time; "
+        "needs libtpu (`jax[tpu]`), not the TPU. Implies --memory_only.",
     )
+    flags.DEFINE_list(
+        "variants", list(VARIANTS), f"Which of {', '.join(VARIANTS)} to compile or time."
+    )
+    flags.DEFINE_float("mfu", 0.4, "--topology: model FLOPs utilisation the projection assumes.")
+    flags.DEFINE_integer(
+        "train_samples",
+        10_000_000,
+        "--topology: examples in an epoch (CC12M: ~10.0M of its 12.4M image-text pairs can "
+        "still be downloaded).",
+    )
+    flags.DEFINE_float(
+        "epochs",
+        None,
+        "--topology: epochs of --train_samples to project (default the config's total_epochs; "
+        "its total_steps when that is 0).",
+    )
+    flags.DEFINE_string("output", None, "Also write the JSON object to this file.")
     flags.mark_flags_as_required(["config"])
 
 
@@ -112,13 +146,26 @@ def saved_for_backward_bytes(config: ml_collections.ConfigDict, abstract_state, 
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(residuals))
 
 
-def memory_analysis(config: ml_collections.ConfigDict, devices=None) -> dict:
-    """XLA's per-device memory numbers (bytes) of the compiled update step on `devices`
-    (default all), and the bytes saved for the backward pass."""
+def compile_step(config: ml_collections.ConfigDict, devices=None):
+    """(compiled update step, seconds to trace and lower it, seconds to compile it, bytes saved
+    for the backward pass) on `devices` (default all)."""
     update, _, abstract, _, batch, mesh = build_step(config, devices)
     with jax.set_mesh(mesh):
-        compiled = update.lower(abstract, batch).compile()
+        t0 = time.perf_counter()
+        lowered = update.trace(abstract, batch).lower()
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
         saved = saved_for_backward_bytes(config, abstract, batch)
+    return compiled, t1 - t0, t2 - t1, saved
+
+
+def memory_report(compiled, saved: int) -> dict:
+    """XLA's per-device memory numbers (bytes) of a compiled step.
+
+    `peak_bytes_per_device`: arguments, outputs and temporaries, less the outputs that reuse the
+    (donated) arguments' buffers; `total_bytes_per_device` adds the generated code.
+    """
     m = compiled.memory_analysis()
     peak = (
         m.argument_size_in_bytes
@@ -126,16 +173,262 @@ def memory_analysis(config: ml_collections.ConfigDict, devices=None) -> dict:
         + m.temp_size_in_bytes
         - m.alias_size_in_bytes
     )
+    total = peak + m.generated_code_size_in_bytes
     return {
         "argument_bytes": m.argument_size_in_bytes,
         "output_bytes": m.output_size_in_bytes,
         "temp_bytes": m.temp_size_in_bytes,
         "alias_bytes": m.alias_size_in_bytes,
+        "generated_code_bytes": m.generated_code_size_in_bytes,
         "peak_bytes_per_device": peak,
         "peak_gib_per_device": round(peak / 2**30, 3),
+        "total_bytes_per_device": total,
+        "total_gib_per_device": round(total / 2**30, 3),
         "saved_for_backward_bytes": saved,
         "saved_for_backward_gib": round(saved / 2**30, 3),
     }
+
+
+def memory_analysis(config: ml_collections.ConfigDict, devices=None) -> dict:
+    """XLA's per-device memory numbers (bytes) of the compiled update step on `devices`
+    (default all), and the bytes saved for the backward pass."""
+    compiled, _, _, saved = compile_step(config, devices)
+    return memory_report(compiled, saved)
+
+
+class TpuChip(NamedTuple):
+    """A Cloud TPU generation, as `--topology` names, lays out and rates it."""
+
+    cloud_name: str  # of its accelerator types (`v5litepod-16`)
+    dims: int  # of its slices' chip grid
+    counts_cores: bool  # an accelerator type counts TensorCores (2 a chip: v4-64 = 32 chips)
+    chip_config: str | None  # libtpu's chip config that makes a chip's TensorCores one device
+    peak_bf16_flops: float  # dense, per chip
+    hbm_bytes: int  # per chip
+
+
+# Cloud TPU's documented figures per chip; keyed by libtpu's name of the generation.
+TPU_CHIPS = {
+    "v4": TpuChip("v4", 3, True, "megacore", 275e12, 32 * 2**30),
+    "v5p": TpuChip("v5p", 3, True, "megachip_tccontrol", 459e12, 95 * 2**30),
+    "v5e": TpuChip("v5litepod", 2, False, None, 197e12, 16 * 2**30),
+    "v6e": TpuChip("v6e", 2, False, None, 918e12, 32 * 2**30),
+}
+# The chip grids of the single-slice accelerator types Cloud TPU offers, by number of chips.
+SLICE_SHAPES = {
+    3: {
+        n: shape
+        for shape in [(2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8)]
+        + [(4, 8, 8), (8, 8, 8), (8, 8, 16), (8, 16, 16), (16, 16, 16)]
+        for n in [math.prod(shape)]
+    },
+    2: {
+        n: shape
+        for shape in [(1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16)]
+        for n in [math.prod(shape)]
+    },
+}
+_SLICE_EXAMPLES = "`v4-64`, `v5p-128`, `v5litepod-16` (or `v5e-16`), `v6e-8`, `v5e:2x2`, `v4:2x4x4`"
+
+# NVlabs' GroupViT for scale (its README: "16 NVIDIA V100 GPUs for pre-training (in 2 days)"),
+# 30 epochs of GCC3M + GCC12M + YFCC14M (the lengths its configs/default.yml gives).
+NVLABS_GROUPVIT = {
+    "gpus": "16 V100",
+    "gpu_hours": 16 * 2 * 24,
+    "epochs": 30,
+    "examples_per_epoch": 2_891_445 + 11_156_203 + 14_615_499,
+}
+
+
+def parse_slice(name: str) -> tuple[TpuChip, str, tuple[int, ...]]:
+    """(generation, libtpu's topology name, chip grid) of a slice named as Cloud TPU names its
+    accelerator types (`v4-64`) or as libtpu names topologies (`v4:2x4x4`)."""
+    match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)([-:])([0-9x]+)", name.strip())
+    if match is None:
+        raise ValueError(f"unknown TPU slice {name!r}; try {_SLICE_EXAMPLES}")
+    generation, separator, size = match.groups()
+    generation = "v5e" if generation == "v5litepod" else generation
+    chip = TPU_CHIPS[generation]
+    if separator == "-":
+        shapes = SLICE_SHAPES[chip.dims]
+        per_chip = 2 if chip.counts_cores else 1
+        count = int(size) if size.isdigit() else 0
+        if count % per_chip or count // per_chip not in shapes:
+            known = ", ".join(f"{chip.cloud_name}-{n * per_chip}" for n in shapes)
+            unit = "TensorCores, 2 a chip" if chip.counts_cores else "chips"
+            raise ValueError(f"no TPU slice {name!r} (it counts {unit}); known: {known}")
+        shape = shapes[count // per_chip]
+    else:
+        shape = tuple(int(d) for d in size.split("x") if d)
+        if len(shape) != chip.dims or min(shape) < 1 or size.count("x") != chip.dims - 1:
+            grid = "x".join("N" * chip.dims)
+            raise ValueError(f"TPU slice {name!r}: a {generation} topology is {generation}:{grid}")
+    return chip, f"{generation}:{'x'.join(map(str, shape))}", shape
+
+
+@contextlib.contextmanager
+def _compile_only_libtpu_init(accelerator_type: str):
+    """Starts libtpu for compiling only, where no TPU is attached.
+
+    libtpu looks for the TPU VM's accelerator type and worker hosts, and writes its failure to
+    find them to stderr: these variables say what it looks for (compiling for a topology does
+    not read them). It also locks /tmp/libtpu_lockfile, so that one process at a time drives the
+    TPUs; there are none to share, so other compiling processes (a test beside a benchmark) may
+    start it too.
+    """
+    settings = {
+        "TPU_ACCELERATOR_TYPE": accelerator_type,
+        "TPU_WORKER_HOSTNAMES": "localhost",
+        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    }
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or any(map(os.getenv, settings)):
+        yield  # A TPU VM, or the caller's own settings: leave them.
+        return
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name in settings:
+            os.environ.pop(name, None)
+
+
+def libtpu_installed() -> bool:
+    return bool(os.getenv("TPU_LIBRARY_PATH")) or importlib.util.find_spec("libtpu") is not None
+
+
+def tpu_slice(name: str) -> tuple[TpuChip, str, list]:
+    """(generation, accelerator type, compile-only devices, one a chip) of a TPU slice."""
+    chip, topology_name, shape = parse_slice(name)
+    chips = math.prod(shape)
+    accelerator_type = f"{chip.cloud_name}-{chips * (2 if chip.counts_cores else 1)}"
+    if not libtpu_installed():
+        raise ValueError(
+            f"--topology needs libtpu, XLA's TPU compiler (no TPU): pip install "
+            f'"jax[tpu]=={jax.__version__}" installs the libtpu this jax pins'
+        )
+    from jax.experimental import topologies
+
+    kwargs = {"chip_config_name": chip.chip_config} if chip.chip_config else {}
+    if chips < 4:  # Less than libtpu's default host of 2x2 chips: the slice is the host.
+        kwargs["chips_per_host_bounds"] = shape + (1,) * (3 - len(shape))
+    try:
+        with _compile_only_libtpu_init(accelerator_type):
+            devices = topologies.get_topology_desc(topology_name, "tpu", **kwargs).devices
+    except RuntimeError as e:  # libtpu's JaxRuntimeError: an impossible grid, a bad config
+        also = f" ({topology_name})" if topology_name != name else ""
+        raise ValueError(f"TPU slice {name!r}{also}: {cli.one_line(e)}") from None
+    if len(devices) != chips:
+        raise ValueError(f"TPU slice {name!r}: libtpu made {len(devices)} devices of {chips} chips")
+    return chip, accelerator_type, list(devices)
+
+
+def train_steps(config: ml_collections.ConfigDict, train_samples: int, epochs: float | None):
+    """(epochs, steps) of a run: `epochs` (default the config's) of `train_samples` examples in
+    batches of the config's size, or the config's total_steps when it counts no epochs."""
+    epochs = config.total_epochs if epochs is None else epochs
+    if epochs > 0:
+        return epochs, math.ceil(epochs * train_samples / config.data.batch_size)
+    return 0.0, config.total_steps
+
+
+def topology_report(
+    config: ml_collections.ConfigDict,
+    topology: str,
+    *,
+    variants=VARIANTS,
+    mfu: float = 0.4,
+    train_samples: int = 10_000_000,
+    epochs: float | None = None,
+) -> dict:
+    """The train step compiled ahead of time for a TPU slice, data-parallel over its chips.
+
+    For each of `variants` (`variant(config, ...)`): XLA's per-chip memory analysis against the
+    chip's HBM, and the FLOPs of a step from XLA's cost analysis, which counts one device's
+    partition of the step (x chips: the step's). At `mfu` of the chips' peak bf16 rate a step
+    takes flops / (chips x peak x mfu); a run of `train_steps(...)` steps the chip-hours
+    steps x step time x chips / 3600.
+    """
+    chip, accelerator_type, devices = tpu_slice(topology)
+    chips, batch = len(devices), config.data.batch_size
+    epochs, steps = train_steps(config, train_samples, epochs)
+    examples = steps * batch
+    nvlabs = NVLABS_GROUPVIT
+    nvlabs_examples = nvlabs["epochs"] * nvlabs["examples_per_epoch"]
+    result = {
+        "accelerator_type": accelerator_type,
+        "chips": chips,
+        "batch_size": batch,
+        "device_kind": devices[0].device_kind,
+        "batch_per_chip": batch / chips,
+        "hbm_gib_per_chip": chip.hbm_bytes / 2**30,
+        "peak_bf16_tflops_per_chip": chip.peak_bf16_flops / 1e12,
+        "mfu": mfu,
+        "train_samples": train_samples,
+        "epochs": epochs,
+        "train_steps": steps,
+        "flops_source": "compiled.cost_analysis()['flops'] is per chip; x chips = per step",
+        "nvlabs_groupvit": {
+            **nvlabs,
+            "examples": nvlabs_examples,
+            "gpu_hours_for_these_examples": round(nvlabs["gpu_hours"] * examples / nvlabs_examples),
+        },
+    }
+    for name in variants:
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+        compiled, lower_s, compile_s, saved = compile_step(
+            variant(config, mix=name == "mixreorg"), devices
+        )
+        memory = memory_report(compiled, saved)
+        memory["fits_hbm"] = memory["total_bytes_per_device"] <= chip.hbm_bytes
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        flops = cost["flops"] * chips
+        step_s = flops / (chips * chip.peak_bf16_flops * mfu)
+        result[f"{name}_memory"] = memory
+        result[f"{name}_step"] = {
+            "flops_per_chip": cost["flops"],
+            "flops": flops,
+            "flops_per_example": flops / batch,
+            "step_s": step_s,
+            "examples_per_s": batch / step_s,
+            "chip_hours": steps * step_s * chips / 3600,
+            "slice_days": steps * step_s / 86400,
+            "lower_s": round(lower_s, 1),
+            "compile_s": round(compile_s, 1),
+        }
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    """The numbers of `topology_report` as a markdown table, a row per variant."""
+    chips, kind = result["chips"], result["accelerator_type"]
+    hbm, mfu = result["hbm_gib_per_chip"], result["mfu"]
+    rows = [
+        f"| {kind} ({chips} chips), batch {result['batch_size']} "
+        f"| per-chip memory (of {hbm:g} GiB HBM) | TFLOPs per step "
+        f"| step at {mfu:.0%} MFU | chip-hours, {result['train_steps']} steps "
+        f"({result['epochs']:g} epochs of {result['train_samples'] / 1e6:g}M) | compile |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in VARIANTS:
+        if f"{name}_step" not in result:
+            continue
+        memory, step = result[f"{name}_memory"], result[f"{name}_step"]
+        fits = "fits" if memory["fits_hbm"] else "does NOT fit"
+        rows.append(
+            f"| {name} | {memory['total_gib_per_device']:.2f} GiB ({fits}) "
+            f"| {step['flops'] / 1e12:,.1f} | {step['step_s'] * 1e3:.1f} ms "
+            f"| {step['chip_hours']:,.1f} ({step['slice_days'] * 24:.2f} h on the slice) "
+            f"| {step['lower_s'] + step['compile_s']:.0f} s |"
+        )
+    nvlabs = result["nvlabs_groupvit"]
+    rows.append(
+        f"| NVlabs GroupViT ({nvlabs['gpus']}, {nvlabs['epochs']} epochs of "
+        f"{nvlabs['examples_per_epoch'] / 1e6:.1f}M) | | | | {nvlabs['gpu_hours']} GPU-hours "
+        f"({nvlabs['gpu_hours_for_these_examples']} for as many examples as above) | |"
+    )
+    return "\n".join(rows)
 
 
 def time_ours(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict:
@@ -232,45 +525,71 @@ def main(argv):
         # activations alive and hides what remat saves; accelerators order it for memory. Read
         # when the backend starts, so it must be set before the first use of a device.
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_MEMORY_SCHEDULER_FLAG}"
-    config = flags.FLAGS.config
-    devices = None
-    if flags.FLAGS.topology:
-        from jax.experimental import topologies
-
-        devices = topologies.get_topology_desc(flags.FLAGS.topology, "tpu").devices
+    fl = flags.FLAGS
+    config = fl.config
+    if unknown := set(fl.variants) - set(VARIANTS):
+        raise SystemExit(f"error: --variants: unknown {', '.join(sorted(unknown))}")
     if config.loss.restore == 0 and config.loss.mixseg == 0:
         with config.unlocked():  # A GroupViT config: time MixReorg with the default weights.
             config.loss.restore = config.loss.mixseg = 1.0
-    shown = devices or jax.devices()
     result = {
-        "config": config_flags.get_config_filename(flags.FLAGS["config"]),
+        "config": config_flags.get_config_filename(fl["config"]),
         "batch_size": config.data.batch_size,
         "image_size": config.model.image_size,
         "dtype": config.model.dtype,
-        "devices": len(shown),
-        "platform": shown[0].platform,
     }
-    if flags.FLAGS.topology:
-        result["topology"] = flags.FLAGS.topology
-    groupvit_config, mixreorg_config = variant(config, mix=False), variant(config, mix=True)
-    if flags.FLAGS.memory_only or devices:
-        result["groupvit_memory"] = memory_analysis(groupvit_config, devices)
-        result["mixreorg_memory"] = memory_analysis(mixreorg_config, devices)
-        print(json.dumps(result))
+    if fl.topology:
+        if not os.getenv("JAX_PLATFORMS"):
+            # The host only traces; without this the first use of a device also tries to open a
+            # TPU, which libtpu, now installed, reports on stderr where there is none.
+            with contextlib.suppress(RuntimeError):
+                jax.config.update("jax_platforms", "cpu")
+        result.update(platform="tpu", topology=fl.topology)
+        try:
+            result |= topology_report(
+                config,
+                fl.topology,
+                variants=fl.variants,
+                mfu=fl.mfu,
+                train_samples=fl.train_samples,
+                epochs=fl.epochs,
+            )
+        except ValueError as e:
+            raise SystemExit(f"error: {cli.one_line(e)}") from None
+        emit(result, fl.output)
+        print()
+        print(markdown_table(result))
         return
-    steps, warmup = flags.FLAGS.steps, flags.FLAGS.warmup
-    result["groupvit"] = time_ours(groupvit_config, steps, warmup)
-    result["mixreorg"] = time_ours(mixreorg_config, steps, warmup)
-    result["mixreorg_step_over_groupvit_step"] = (
-        result["groupvit"]["images_per_sec"] / result["mixreorg"]["images_per_sec"]
-    )
+    result.update(devices=len(jax.devices()), platform=jax.devices()[0].platform)
+    configs = {name: variant(config, mix=name == "mixreorg") for name in fl.variants}
+    if fl.memory_only:
+        for name, c in configs.items():
+            result[f"{name}_memory"] = memory_analysis(c)
+        emit(result, fl.output)
+        return
+    steps, warmup = fl.steps, fl.warmup
+    for name, c in configs.items():
+        result[name] = time_ours(c, steps, warmup)
+    if len(configs) == 2:
+        result["mixreorg_step_over_groupvit_step"] = (
+            result["groupvit"]["images_per_sec"] / result["mixreorg"]["images_per_sec"]
+        )
     if flags.FLAGS.against == "pytorch":
         ours = time_ours(variant(config, mix=False, like_pytorch=True), steps, warmup)
         theirs = time_pytorch(config, steps, warmup)
         result["groupvit_contrastive_only"] = ours
         result["pytorch"] = theirs
         result["ours_over_pytorch"] = ours["images_per_sec"] / theirs["images_per_sec"]
-    print(json.dumps(result))
+    emit(result, fl.output)
+
+
+def emit(result: dict, output: str | None):
+    """Prints the result as one JSON line, and writes it to `output` if given."""
+    line = json.dumps(result)
+    print(line)
+    if output:
+        with open(os.path.expanduser(output), "w") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

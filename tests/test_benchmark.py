@@ -1,8 +1,14 @@
 """The benchmark's memory report: what the forward pass saves for the backward pass."""
 
+import json
+import math
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
+import pytest
 
 from mixreorg_jax import benchmark
 from mixreorg_jax.training import config as train_config
@@ -44,3 +50,82 @@ def test_devices_given_ahead_of_time_get_an_abstract_batch_of_the_same_shapes():
         assert benchmark.saved_for_backward_bytes(
             config, abstract, shapes
         ) == benchmark.saved_for_backward_bytes(config, abstract, concrete)
+
+
+def test_tpu_slices_are_named_as_cloud_tpu_or_libtpu_names_them():
+    chip, topology, shape = benchmark.parse_slice("v4-64")  # TensorCores: 32 chips
+    assert (topology, shape, chip.peak_bf16_flops, chip.hbm_bytes) == (
+        "v4:2x4x4",
+        (2, 4, 4),
+        275e12,
+        32 * 2**30,
+    )
+    assert benchmark.parse_slice("v5litepod-16")[1:] == ("v5e:4x4", (4, 4))  # chips
+    assert benchmark.parse_slice("v5e-16")[1] == "v5e:4x4"
+    assert benchmark.parse_slice("v5e:2x2")[1:] == ("v5e:2x2", (2, 2))
+    assert benchmark.parse_slice("v4:2x2x1")[1:] == ("v4:2x2x1", (2, 2, 1))
+
+
+def test_a_bad_tpu_slice_is_a_one_line_error():
+    for name, words in [
+        ("v4-63", "no TPU slice 'v4-63'"),
+        ("v4-6", "known: v4-8, v4-16"),
+        ("v4:2x2", "a v4 topology is v4:NxNxN"),
+        ("tpu-v4", "unknown TPU slice 'tpu-v4'; try `v4-64`"),
+    ]:
+        with pytest.raises(ValueError) as error:
+            benchmark.parse_slice(name)
+        assert words in str(error.value) and "\n" not in str(error.value), error.value
+    # The command line: one line on stderr, before any compiling.
+    result = subprocess.run(
+        [sys.executable, "-m", "mixreorg_jax.benchmark", "--config", "configs/mixreorg.py:tiny"]
+        + ["--topology", "v4-63"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert result.returncode != 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no TPU slice 'v4-63'")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not benchmark.libtpu_installed(), reason="needs libtpu (jax[tpu])")
+def test_the_tiny_step_compiled_for_a_tpu_slice_reports_consistent_numbers():
+    # XLA's TPU compiler, ahead of time, on this CPU: the `--topology` path, one variant.
+    config = train_config.from_file(f"{REPO}/configs/mixreorg.py:tiny")
+    result = benchmark.topology_report(
+        config, "v4-8", variants=("mixreorg",), mfu=0.5, train_samples=1000, epochs=30
+    )
+    assert (result["accelerator_type"], result["chips"], result["device_kind"]) == (
+        "v4-8",
+        4,
+        "TPU v4",
+    )
+    assert result["train_steps"] == math.ceil(30 * 1000 / config.data.batch_size)
+    assert "groupvit_step" not in result
+    memory, step = result["mixreorg_memory"], result["mixreorg_step"]
+    for key in ("argument_bytes", "output_bytes", "temp_bytes", "generated_code_bytes"):
+        assert memory[key] > 0, key
+    assert memory["peak_bytes_per_device"] == (
+        memory["argument_bytes"]
+        + memory["output_bytes"]
+        + memory["temp_bytes"]
+        - memory["alias_bytes"]
+    )
+    assert memory["alias_bytes"] > 0  # The state is donated: the new one reuses its buffers.
+    assert memory["total_bytes_per_device"] == (
+        memory["peak_bytes_per_device"] + memory["generated_code_bytes"]
+    )
+    assert memory["fits_hbm"] and memory["total_bytes_per_device"] < 2**30
+    assert step["flops_per_chip"] > 0 and step["flops"] == 4 * step["flops_per_chip"]
+    assert step["flops_per_example"] == pytest.approx(step["flops"] / config.data.batch_size)
+    assert step["step_s"] == pytest.approx(step["flops"] / (4 * 275e12 * 0.5))
+    assert step["examples_per_s"] == pytest.approx(config.data.batch_size / step["step_s"])
+    assert step["chip_hours"] == pytest.approx(result["train_steps"] * step["step_s"] * 4 / 3600)
+    assert step["slice_days"] == pytest.approx(step["chip_hours"] / 4 / 24)
+    assert step["compile_s"] > 0
+    assert json.loads(json.dumps(result)) == result  # What the command line prints.
+    table = benchmark.markdown_table(result)
+    assert table.count("\n") == 3 and "| mixreorg |" in table and "(fits)" in table
