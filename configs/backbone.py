@@ -14,6 +14,8 @@ then loads those tensors (`model_init_load`, `training.model_init.BACKBONE`):
 `launch/local.sh` runs the first command when the backbone's export is missing.
 """
 
+import ml_collections
+
 from mixreorg_jax.data import synthetic
 from mixreorg_jax.training import config as train_config
 
@@ -38,6 +40,7 @@ def get_config(arg=None):
         c.total_steps, c.warmup_steps = 600, 1
     c.optim.update(dict(lr=3e-3, warmup_lr=3e-3, min_lr=3e-3, weight_decay=1e-4, grad_clip=0.0))
     c.model_init = ""
+    c.evals = ml_collections.ConfigDict()  # no text tower to evaluate zero-shot
     c.log_every_steps = 50
     c.checkpoint.every_steps = 200
     return c

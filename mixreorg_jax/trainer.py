@@ -139,9 +139,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
                 for name, evaluator in evals:
                     if evaluator.due(step, total_steps):
+                        started = time.time()
                         with report.timed(name):
                             results = evaluator.run(state)
                             write(step, {f"{name}/{k}": v for k, v in results.items()})
+                        tick += time.time() - started  # examples_per_sec counts training only
 
         if pending is not None:
             check_finite(*pending, manager)

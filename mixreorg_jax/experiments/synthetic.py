@@ -99,6 +99,7 @@ def run_config(name: str, seed: int, extra: dict, synthetic_dir: str):
     config = train_config.from_file(cli.resolve_config(f"configs/{config_file}.py:demo"))
     config.seed = seed
     config.data.synthetic_dir = synthetic_dir
+    config.evals.val.enabled = False  # each run is evaluated on the test split once, at the end
     return train_config.apply_overrides(config, {**overrides, **extra})
 
 
