@@ -89,6 +89,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 state, config.model_init, config.model, state_sharding, load=config.model_init_load
             )
     first_step = int(state["step"])
+    export_dir = workdir / "export"
+    if first_step >= total_steps:
+        # A finished run (rerunning the command is how runs resume): nothing to train, and the
+        # export is left as it is, or written if a crash lost it.
+        if not export_dir.exists():
+            export(state, config, export_dir)
+        message = f"{workdir}: finished at step {first_step} of {total_steps}; export: {export_dir}"
+        logging.info(message)
+        if is_main:
+            print(message)
+        writer.close()
+        return {}
     report = periodic_actions.ReportProgress(
         num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
     )
@@ -149,11 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             check_finite(*pending, manager)
         manager.wait_until_finished()
         if int(state["step"]) == total_steps:
-            model_files.save_model(
-                str(workdir / "export"),
-                {"params": state["params"]["model"], "batch_stats": state["batch_stats"]},
-                config.model,
-            )
+            export(state, config, export_dir)
     finally:
         # Also when the run fails (e.g. diverges): the caller's SIGTERM handling is back.
         preemption.close()
@@ -161,6 +169,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             metrics_file.close()
     writer.flush()
     return last
+
+
+def export(state: dict, config: ml_collections.ConfigDict, path: epath.Path) -> None:
+    """The model's variables, for evaluation and conversion; replaces an older export (Orbax
+    renames a finished save into place, so a crash leaves the old one or none)."""
+    model_files.save_model(
+        str(path),
+        {"params": state["params"]["model"], "batch_stats": state["batch_stats"]},
+        config.model,
+        overwrite=True,
+    )
 
 
 def check_finite(step: int, terms: dict, manager) -> None:

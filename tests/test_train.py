@@ -344,6 +344,36 @@ def test_groupvit_trains(tmp_path, synthetic_dir, compiled_init, monkeypatch):
     assert model_config.width == tiny_config("groupvit", "").model.width
 
 
+def test_rerunning_a_finished_run_is_one_line_and_more_steps_continue(
+    tmp_path, synthetic_dir, capsys
+):
+    config = tiny_config("groupvit", synthetic_dir)
+    trainer.train_and_evaluate(config, str(tmp_path))
+    exported = {p: p.stat().st_mtime_ns for p in (tmp_path / "export").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    # The same command again: nothing trained, nothing rewritten, one line.
+    assert trainer.train_and_evaluate(config, str(tmp_path)) == {}
+    assert capsys.readouterr().out == (
+        f"{tmp_path}: finished at step {TOTAL_STEPS} of {TOTAL_STEPS}; "
+        f"export: {tmp_path / 'export'}\n"
+    )
+    assert {p: p.stat().st_mtime_ns for p in exported} == exported
+    assert len(read_metrics(tmp_path)) == TOTAL_STEPS
+    # A lost export (a crash while writing it) is written again.
+    shutil.rmtree(tmp_path / "export")
+    trainer.train_and_evaluate(config, str(tmp_path))
+    variables, _ = model_files.load_model(str(tmp_path / "export"))
+    assert_trees_equal(variables["params"], read_state(tmp_path, TOTAL_STEPS)["params"]["model"])
+    # More steps continue the run, and the export follows.
+    config.total_steps = TOTAL_STEPS + 2
+    last = trainer.train_and_evaluate(config, str(tmp_path))
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, TOTAL_STEPS + 3))
+    assert "total" in last
+    variables, _ = model_files.load_model(str(tmp_path / "export"))
+    final = read_state(tmp_path, TOTAL_STEPS + 2)["params"]["model"]
+    assert_trees_equal(variables["params"], final)
+
+
 def test_mixreorg_trains(mixreorg_run):
     workdir, _, last = mixreorg_run
     metrics = read_metrics(workdir)
