@@ -81,3 +81,17 @@ def test_missing_arguments_are_a_usage_error(script):
         ["bash", str(LAUNCH / script), "--dry_run"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_ci_runs_the_readmes_test_command_on_the_locked_versions():
+    repo = LAUNCH.parent
+    ci = (repo / ".ci" / "run").read_text().strip().splitlines()[-1]
+    readme = (repo / "README.md").read_text()
+    assert ci in readme.splitlines()
+    assert "pip install -r requirements.lock" in ci
+    locked = dict(
+        line.split("==")
+        for line in (repo / "requirements.lock").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    assert {"jax", "flax", "optax", "orbax-checkpoint", "transformers", "torch"} <= set(locked)
