@@ -4,9 +4,11 @@ model = mixreorg_jax.load("/tmp/mixreorg_demo")        # a training workdir
 image_emb = model.encode_image(images)                 # float[B, H, W, 3], normalised
 text_emb = model.encode_text(["a photo of a cat."])
 logits = model.logit_scale * image_emb @ text_emb.T
+labels = model.segment(image, ["cat", "dog"], bg_thresh=0.5)   # with model.protocol's sizes
 """
 
 import functools
+import os
 from collections.abc import Sequence
 
 import jax
@@ -17,6 +19,7 @@ import numpy as np
 from mixreorg_jax import losses
 from mixreorg_jax.data.tokenizer import get_tokenizer
 from mixreorg_jax.evaluation import inference
+from mixreorg_jax.formats import model_files
 from mixreorg_jax.models import groupvit
 from mixreorg_jax.training import checkpointing
 
@@ -24,8 +27,18 @@ from mixreorg_jax.training import checkpointing
 class Model:
     """A GroupViT/MixReorg model for inference (evaluation mode, the original branch only)."""
 
-    def __init__(self, variables: dict, config: ml_collections.ConfigDict):
+    def __init__(
+        self,
+        variables: dict,
+        config: ml_collections.ConfigDict,
+        protocol: dict | None = None,
+    ):
+        """Args: protocol: the segmentation protocol `segment` defaults to
+        (`model_files.INFERENCE_FIELDS`); default `model_files.default_inference(config)`."""
         self.config = config
+        self.protocol = model_files.check_inference(
+            protocol or model_files.default_inference(config), "Model"
+        )
         self.variables = jax.device_put(variables)
         self.module = groupvit.GroupViT(config)
         self._tokenizer = get_tokenizer(config.context_length)
@@ -62,10 +75,28 @@ class Model:
 
     def segment(self, image, class_names: Sequence[str], **kwargs) -> np.ndarray:
         """uint8[H, W, 3] RGB -> int32[H, W] labels; see `evaluation.inference.segment`
-        (with `bg_thresh`, 0 = background and k = class_names[k - 1])."""
+        (with `bg_thresh`, 0 = background and k = class_names[k - 1]). The protocol's sizes and
+        top_k not given (or 0) are `self.protocol`'s."""
+        given = {
+            name: value for name, value in kwargs.items() if name not in self.protocol or value
+        }
+        kwargs = {**self.protocol, **given}
         return inference.segment(self.variables, self.config, image, class_names, **kwargs)
 
 
+def recorded_protocol(path: str, config: ml_collections.ConfigDict) -> dict:
+    """The inference protocol of the model at `path` (as `load` takes it): what its model checkpoint
+    (a workdir's `export/`) records, else `model_files.default_inference(config)` (a workdir
+    without export, a Hugging Face folder)."""
+    root = os.path.expanduser(path)
+    for checkpoint in (os.path.join(root, "export"), root):
+        if os.path.isdir(os.path.join(checkpoint, "model_config")):
+            return model_files.read_inference(checkpoint)
+    return model_files.default_inference(config)
+
+
 def load(path: str) -> Model:
-    """Loads a model checkpoint, a training workdir or a Hugging Face GroupViT folder."""
-    return Model(*checkpointing.load_variables(path))
+    """Loads a model checkpoint, a training workdir or a Hugging Face GroupViT folder, with the
+    inference protocol it records (`recorded_protocol`)."""
+    variables, config = checkpointing.load_variables(path)
+    return Model(variables, config, recorded_protocol(path, config))

@@ -5,32 +5,35 @@ r"""Segments any picture by a list of class names (zero-shot, the evaluation's p
 
 writes `cat_seg.png` (the picture with the classes' colours blended in) and `cat_seg_mask.png`
 (an indexed PNG of the labels: with --bg_thresh, 0 = background and k = the k-th class; without,
-k - 1 = the k-th class), and prints which colour is which class. `--checkpoint`: a model
-checkpoint, a training workdir or a Hugging Face GroupViT folder. In Python:
+k - 1 = the k-th class), and prints the protocol and which colour is which class.
+`--checkpoint`: a model checkpoint, a training workdir or a Hugging Face GroupViT folder.
 
-    model = mixreorg_jax.load(CKPT)
+The protocol's sizes (--short_side, --max_long, --window, --stride, --top_k) default to the ones
+the checkpoint records (`formats.model_files.read_inference`; for a checkpoint that records none,
+`default_inference`: GroupViT's 448-px protocol for a 224-px, patch-16 model, else windows of the
+model's training resolution). A protocol whose crops would not fit in memory is refused with one
+line before the model runs (`evaluation.inference.check_memory`). In Python:
+
+    model = mixreorg_jax.load(CKPT)                                          # model.protocol
     labels = model.segment(image, ["cat", "dog", "grass"], bg_thresh=0.5)  # int32[H, W]
 """
 
-import inspect
 import os
 
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from mixreorg_jax import cli
+from mixreorg_jax import api, cli
 from mixreorg_jax.evaluation import inference, visualize
-from mixreorg_jax.training import checkpointing
 
-# The protocol's sizes: flags with `inference.segment`'s defaults (the released evaluation's).
+# The protocol's flags (`formats.model_files.INFERENCE_FIELDS`); 0 takes the checkpoint's.
 _PROTOCOL = {
     "short_side": "Short side of the resized picture in pixels (unless max_long caps it).",
     "max_long": "Longest long side of the resized picture in pixels.",
     "window": "Sliding window in pixels.",
     "stride": "Sliding window stride in pixels.",
     "top_k": "Classes kept per window.",
-    "batch": "Windows per model call.",
 }
 
 
@@ -48,9 +51,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
         "bg_thresh", None, "Background threshold (default: no background).", **define
     )
     flags.DEFINE_float("alpha", 0.5, "Overlay opacity.", **define)
-    defaults = inspect.signature(inference.segment).parameters
     for name, help_text in _PROTOCOL.items():
-        flags.DEFINE_integer(name, defaults[name].default, help_text, **define)
+        flags.DEFINE_integer(name, 0, f"{help_text} 0: the checkpoint's.", **define)
+    flags.DEFINE_integer("batch", 8, "Windows per model call.", **define)
     flags.mark_flags_as_required(["checkpoint", "image", "classes", "output"], **define)
 
 
@@ -62,21 +65,25 @@ def mask_path(output: str) -> str:
 
 def run(values: flags.FlagValues) -> None:
     """Segments `--image` with the parsed flag `values`; writes the overlay and the mask, prints
-    the legend. Expected failures (no image, no model, bad classes) end in one line `error: ...`."""
+    the protocol and the legend. Expected failures (no image, no model, bad classes, crops too
+    large for the memory) end in one line `error: ...`."""
     try:
         if not os.path.isfile(values.image):
             raise FileNotFoundError(f"no image at {values.image}")
         with Image.open(values.image) as picture:
             image = np.asarray(picture.convert("RGB"), np.uint8)
         class_names = [c.strip() for c in values.classes.split(",") if c.strip()]
-        variables, model_config = checkpointing.load_variables(values.checkpoint)
-        labels = inference.segment(
-            variables,
-            model_config,
-            image,
-            class_names,
-            bg_thresh=values.bg_thresh,
-            **{name: getattr(values, name) for name in _PROTOCOL},
+        model = api.load(values.checkpoint)
+        protocol = dict(model.protocol)
+        protocol.update(
+            {name: getattr(values, name) for name in _PROTOCOL if getattr(values, name)}
+        )
+        # Checked here too so that the message names the flags.
+        sizes = {name: protocol[name] for name in ("short_side", "max_long", "window")}
+        inference.check_memory(model.config, batch=values.batch, flag_prefix="--", **sizes)
+        print(", ".join(f"{name} {value}" for name, value in protocol.items()))
+        labels = model.segment(
+            image, class_names, bg_thresh=values.bg_thresh, batch=values.batch, **protocol
         )
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SystemExit(f"error: {cli.one_line(e)}") from None

@@ -16,7 +16,7 @@ from mixreorg_jax.evaluation import inference, visualize
 from mixreorg_jax.formats import model_files
 from mixreorg_jax.models import presets
 
-# The tiny model's own input size: 32 px windows at stride 16, short side 32.
+# The tiny model's own input size, what its checkpoint records: 32 px windows at stride 16.
 SMALL_PROTOCOL = ["--short_side", "32", "--window", "32", "--stride", "16"]
 CLASSES = ("cat", "dog", "grass")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,10 +80,10 @@ def test_cli_writes_overlay_and_indexed_mask(checkpoint, picture, tmp_path, caps
             "--bg_thresh",
             "0.5",
         ]
-        + SMALL_PROTOCOL
     )
     printed = capsys.readouterr().out
     assert "background" in printed and "grass" in printed
+    assert "short_side 32, max_long 2048, window 32, stride 16, top_k 5" in printed
 
     with Image.open(output) as overlay:
         assert overlay.mode == "RGB" and overlay.size == (70, 45)
@@ -102,10 +102,20 @@ def test_cli_writes_overlay_and_indexed_mask(checkpoint, picture, tmp_path, caps
         overlay, visualize.overlay(image, mask, visualize.label_palette(True), alpha=0.5)
     )
 
-    # The Python handle gives the same labels.
+    # The Python handle gives the same labels, by default and with the sizes given; so do the
+    # flags given.
     model = mixreorg_jax.load(checkpoint)
+    labels = model.segment(image, list(CLASSES), bg_thresh=0.5)
+    np.testing.assert_array_equal(labels, mask)
     labels = model.segment(image, list(CLASSES), bg_thresh=0.5, short_side=32, window=32, stride=16)
     np.testing.assert_array_equal(labels, mask)
+    run_cli(
+        ["--checkpoint", checkpoint, "--image", path, "--classes", ",".join(CLASSES)]
+        + ["--output", str(tmp_path / "flags.png"), "--bg_thresh", "0.5"]
+        + SMALL_PROTOCOL
+    )
+    with Image.open(segment.mask_path(str(tmp_path / "flags.png"))) as mask_image:
+        np.testing.assert_array_equal(np.array(mask_image), mask)
 
     # Without a background threshold every pixel gets one of the classes.
     labels = model.segment(image, list(CLASSES), short_side=32, window=32, stride=16)

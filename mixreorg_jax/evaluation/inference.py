@@ -10,6 +10,7 @@ GroupViT's released zero-shot protocol, the same code behind `python -m mixreorg
     text_emb = embedder.text_embeddings(variables, ["a dog on a sofa", ...])
 
     labels = segment(variables, model_config, image, ["cat", "dog"], bg_thresh=0.5)  # one picture
+    check_memory(model_config, short_side=448, max_long=2048, window=448, batch=8)  # or ValueError
 
     segmenter = Segmenter(model_config, mesh, short_side=448, max_long=2048, window=448,
                           stride=224, top_k=5, batch=8)     # a dataset; also an Embedder
@@ -32,11 +33,16 @@ Beside the model's prediction, every image gets three trivial references from th
   group_oracle: each final group of each window labelled with its majority ground-truth class
       (the ground truth resized to the window's resolution with nearest neighbours), then
       windows merged and resized like the model's scores: how good the grouping alone is.
+
+Before a model is placed, `check_memory` compares `window_batch_bytes`, an upper bound on what one
+call of crops needs, with the memory available (`available_memory`), and refuses a protocol that
+would not fit with one line naming the setting to lower.
 """
 
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
@@ -48,6 +54,7 @@ from jax.experimental import multihost_utils
 from mixreorg_jax import losses
 from mixreorg_jax.data import prompts, segmentation_sets
 from mixreorg_jax.data.tokenizer import get_tokenizer
+from mixreorg_jax.formats import model_files
 from mixreorg_jax.models import groupvit
 from mixreorg_jax.ops import miou as miou_ops
 from mixreorg_jax.ops import segmentation as seg_ops
@@ -60,6 +67,8 @@ TEMPLATE_SETS = {"imagenet80": prompts.IMAGENET_TEMPLATES}
 IGNORE_LABEL = segmentation_sets.IGNORE_LABEL
 # Texts per call of the text encoder.
 _TEXT_CHUNK = 64
+# The GiB one call of crops may use, in place of what the machine reports (`available_memory`).
+MEMORY_LIMIT_ENV = "MIXREORG_MEMORY_LIMIT_GIB"
 
 
 def expand_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
@@ -284,6 +293,122 @@ def paste_window_groups(
     return nearest_resize(canvas, image_hw)
 
 
+# ------------------------------------------------------------------------- memory
+def crop_size(short_side: int, max_long: int, window: int) -> tuple[int, int]:
+    """The largest crop (h, w) a protocol cuts: a resized picture is at most `short_side` on its
+    short side and `max_long` on its long side (docs/method.md §2, step 5), and a window is never
+    larger than the picture."""
+    return min(window, short_side), min(window, max_long)
+
+
+def window_batch_bytes(model_config: ml_collections.ConfigDict, crop_hw, crops: int) -> int:
+    """An upper bound on the memory one model call of `crops` crops of `crop_hw` pixels needs.
+
+    The first stage is the largest (docs/method.md §1): T = ceil(h / p) * ceil(w / p) patch tokens
+    plus its G group tokens; without a backward pass one block's buffers are alive at a time. In
+    float32 (4 bytes), per crop:
+      attention: the logits and the softmax's intermediates (scaled, max-shifted, exponentiated,
+          normalised), each [heads, T, T], as if unfused: 5 * heads * T^2;
+      activations: the residual stream, its norm, q, k, v, the attention output and the MLP's
+          hidden layer before and after its GELU: (6 + 2 * mlp_ratio) * T * width;
+      the post-processing's group masks at pixel resolution and their resize: 2 * G * h * w.
+    bytes = 4 * crops * (5 * heads * T^2 + (6 + 2 * mlp_ratio) * T * width + 2 * G * h * w)
+
+    The parameters, loaded already, are not counted. The bound holds for what the demo model's
+    runs measured on the CPU (peak resident memory above the 32-px run's: 3.4 GB for 8 crops of
+    256 px, estimated 5.6; 5.1 GB for 1 crop of 448 px, estimated 6.4; 7.7 GB for 2, estimated
+    12.8); XLA's GPU kernels fuse the softmax and need less.
+    """
+    h, w = crop_hw
+    patch = model_config.patch_size
+    groups = model_config.num_group_tokens[0]
+    tokens = math.ceil(h / patch) * math.ceil(w / patch) + groups
+    per_crop = (
+        5 * model_config.num_heads * tokens**2
+        + (6 + 2 * model_config.mlp_ratio) * tokens * model_config.width
+        + 2 * max(model_config.num_output_groups) * h * w
+    )
+    return int(4 * crops * per_crop)
+
+
+def host_available_memory() -> int:
+    """Bytes of host memory available: /proc/meminfo's MemAvailable (else the free pages), capped
+    by the cgroup's limit where there is one (containers)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit, used = f.read().strip(), int(g.read())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def available_memory(devices: Sequence[jax.Device]) -> tuple[int, str, bool]:
+    """(bytes, what they are, whether they are per device) one call of crops over `devices` may
+    use: `MEMORY_LIMIT_ENV` GiB if set, else the least free memory of the devices where the backend
+    reports it (GPU, TPU), else the host memory available (CPU, shared by its devices)."""
+    limit = os.environ.get(MEMORY_LIMIT_ENV)
+    if limit:
+        return int(float(limit) * 2**30), f"GiB set by {MEMORY_LIMIT_ENV}", False
+    stats = [device.memory_stats() or {} for device in devices]
+    if all("bytes_limit" in s for s in stats):
+        free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+        return free, f"GiB free per {devices[0].platform.upper()}", True
+    return host_available_memory(), "GiB of host memory available", False
+
+
+def _call_batch(batch: int, devices: int) -> int:
+    """Crops per model call: `batch` rounded up to a multiple of the devices."""
+    return max(devices, math.ceil(batch / devices) * devices)
+
+
+def check_memory(
+    model_config: ml_collections.ConfigDict,
+    *,
+    short_side: int,
+    max_long: int,
+    window: int,
+    batch: int,
+    mesh: jax.sharding.Mesh | None = None,
+    flag_prefix: str = "",
+) -> None:
+    """Raises ValueError, one line naming the setting to lower, when one call of `batch` crops of
+    the protocol's largest crop (`crop_size`) would need more than `available_memory`.
+
+    Args:
+        mesh: the devices the calls are split over (default: all local devices).
+        flag_prefix: what the message puts before the settings' names ('--' for flags).
+    """
+    devices = list(local_mesh(mesh).devices.flat)
+    available, what, per_device = available_memory(devices)
+    crops = _call_batch(batch, len(devices))
+    crops = crops // len(devices) if per_device else crops
+    crop_hw = crop_size(short_side, max_long, window)
+    needed = window_batch_bytes(model_config, crop_hw, crops)
+    if needed <= available:
+        return
+    patch = model_config.patch_size
+    tokens = math.ceil(crop_hw[0] / patch) * math.ceil(crop_hw[1] / patch)
+    size = f"{crop_hw[0]}" if crop_hw[0] == crop_hw[1] else f"{crop_hw[0]}x{crop_hw[1]}"
+    # Crops per call that fit: per device times the devices where the memory is per device.
+    fitting = available // window_batch_bytes(model_config, crop_hw, 1)
+    fitting *= len(devices) if per_device else 1
+    batch_advice = f" or {flag_prefix}batch ({fitting} crops fit)" if fitting > 0 else ""
+    raise ValueError(
+        f"a {size}-px window is {tokens} tokens for this model (patch {patch}): "
+        f"~{needed / 2**30:.1f} GiB per batch of {crops} crops, more than the "
+        f"{available / 2**30:.1f} {what}; lower {flag_prefix}window/{flag_prefix}short_side "
+        f"(the model was trained at {model_config.image_size} px){batch_advice}"
+    )
+
+
 # ------------------------------------------------------------------------- images -> labels
 @dataclasses.dataclass
 class ImageResult:
@@ -341,8 +466,7 @@ class Embedder:
     ):
         self.model_config = inference_config(model_config)
         self.mesh = local_mesh(mesh)
-        devices = self.mesh.devices.size
-        self.batch = max(devices, math.ceil(batch / devices) * devices)
+        self.batch = _call_batch(batch, self.mesh.devices.size)
         self._tokenizer = get_tokenizer(model_config.context_length)
 
     def place(self, variables: dict) -> dict:
@@ -576,11 +700,11 @@ def segment(
     *,
     bg_thresh: float | None = None,
     templates: Sequence[str] = DEFAULT_TEMPLATES,
-    short_side: int = 448,
-    max_long: int = 2048,
-    window: int = 448,
-    stride: int = 224,
-    top_k: int = 5,
+    short_side: int = 0,
+    max_long: int = 0,
+    window: int = 0,
+    stride: int = 0,
+    top_k: int = 0,
     batch: int = 8,
     mesh: jax.sharding.Mesh | None = None,
 ) -> np.ndarray:
@@ -593,12 +717,17 @@ def segment(
         bg_thresh: None: every pixel gets a class; a number: pixels whose best class score is
             below it (or below the window's best group score) are background.
         templates, short_side, ..., batch: the protocol (as the evaluator's settings,
-            `evaluation.segmentation_settings.default_config`).
+            `evaluation.segmentation_settings.default_config`); a size or top_k left at 0 is the
+            model's, `formats.model_files.default_inference(model_config)`.
         mesh: devices to use (default: all local devices).
 
     Returns:
         int32[H, W]: with bg_thresh, 0 = background and k = class_names[k - 1]; without, k =
         class_names[k].
+
+    Raises:
+        ValueError: bad classes or image, or a protocol whose crops would not fit in memory
+        (`check_memory`).
     """
     class_names = [str(c).strip() for c in class_names]
     if not class_names or not all(class_names):
@@ -610,16 +739,14 @@ def segment(
         raise ValueError(f"image must be [H, W, 3] RGB, got shape {image.shape}")
     if image.dtype != np.uint8:
         raise ValueError(f"image must be uint8 (0-255), got {image.dtype}")
-    segmenter = Segmenter(
-        model_config,
-        mesh,
-        short_side=short_side,
-        max_long=max_long,
-        window=window,
-        stride=stride,
-        top_k=top_k,
-        batch=batch,
+    given = dict(
+        short_side=short_side, max_long=max_long, window=window, stride=stride, top_k=top_k
     )
+    protocol = model_files.default_inference(model_config)
+    protocol.update({name: value for name, value in given.items() if value})
+    sizes = {name: protocol[name] for name in ("short_side", "max_long", "window")}
+    check_memory(model_config, batch=batch, mesh=mesh, **sizes)
+    segmenter = Segmenter(model_config, mesh, batch=batch, **protocol)
     thresholds = () if bg_thresh is None else (float(bg_thresh),)
     with jax.set_mesh(None):  # The segmenter places its arrays itself.
         variables = segmenter.place(variables)

@@ -191,8 +191,17 @@ def make_segmenter(
     model_config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh | None,
 ) -> inference.Segmenter:
-    """The inference engine with the protocol of `resolve`d settings on `mesh`."""
+    """The inference engine with the protocol of `resolve`d settings on `mesh`; raises ValueError
+    first when a call of `batch` crops would not fit in memory (`inference.check_memory`)."""
     engine_settings = {k: settings[k] for k in ENGINE_FIELDS}
+    inference.check_memory(
+        model_config,
+        short_side=settings.short_side,
+        max_long=settings.max_long,
+        window=settings.window,
+        batch=settings.batch,
+        mesh=mesh,
+    )
     return inference.Segmenter(model_config, mesh, batch=settings.batch, **engine_settings)
 
 

@@ -8,10 +8,15 @@ trainer's final export and `python -m mixreorg_jax.convert from-hf` write it, ev
                                 {'params': ..., 'batch_stats': ...} of models.groupvit.GroupViT
     PATH/model_config/metadata  Orbax JsonCheckpointHandler item: the model ConfigDict
                                 (models/presets.py fields) as JSON
+    PATH/inference/metadata     Orbax JsonCheckpointHandler item: the zero-shot segmentation
+                                protocol the model is run with by default (`INFERENCE_FIELDS`;
+                                absent from checkpoints written before it was recorded, whose
+                                protocol `read_inference` derives from the model config)
 
-That is one step of an Orbax CompositeCheckpointHandler with the items 'variables' and
-'model_config': a CheckpointManager step directory with those item names has the same layout.
-No optimiser state: training checkpoints live elsewhere (the trainer's CheckpointManager).
+That is one step of an Orbax CompositeCheckpointHandler with the items 'variables',
+'model_config' and 'inference': a CheckpointManager step directory with those item names has the
+same layout. No optimiser state: training checkpoints live elsewhere (the trainer's
+CheckpointManager).
 """
 
 import json
@@ -29,6 +34,12 @@ from mixreorg_jax.models import groupvit
 
 _VARIABLES = "variables"
 _MODEL_CONFIG = "model_config"
+_INFERENCE = "inference"
+# The zero-shot protocol's sizes in pixels and its classes kept per window (docs/method.md §2):
+# the fields of the 'inference' item, named as `evaluation.inference.segment`'s arguments.
+INFERENCE_FIELDS = ("short_side", "max_long", "window", "stride", "top_k")
+# GroupViT's released protocol for its 224-px, patch-16 models (docs/method.md §2, step 5).
+GROUPVIT_PROTOCOL = dict(short_side=448, max_long=2048, window=448, stride=224, top_k=5)
 
 
 def flatten_tree(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -91,12 +102,43 @@ def config_from_json_dict(values: Mapping[str, Any]) -> ml_collections.ConfigDic
     )
 
 
+def default_inference(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """The protocol a model is run with when its checkpoint records none.
+
+    A 224-px model with 16-px patches (GroupViT-S, the Hugging Face GroupViTs) gets GroupViT's
+    published protocol, `GROUPVIT_PROTOCOL`; any other model its training resolution: window and
+    short side = image_size, stride = window // 2 (as the synthetic evaluation, docs/method.md
+    §2), with the published max_long and top_k.
+    """
+    if (config.image_size, config.patch_size) == (224, 16):
+        return dict(GROUPVIT_PROTOCOL)
+    size = config.image_size
+    return dict(GROUPVIT_PROTOCOL, short_side=size, window=size, stride=max(size // 2, 1))
+
+
+def check_inference(inference: Mapping[str, Any], source: str) -> dict[str, int]:
+    """`inference` as a protocol: exactly `INFERENCE_FIELDS`, each a positive int; raises
+    ValueError naming `source` otherwise."""
+    if set(inference) != set(INFERENCE_FIELDS):
+        raise ValueError(
+            f"{source}: an inference protocol has the fields {', '.join(INFERENCE_FIELDS)}, "
+            f"got {', '.join(sorted(inference))}"
+        )
+    for name, value in inference.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(
+                f"{source}: inference {name} must be a positive integer, got {value!r}"
+            )
+    return {name: int(inference[name]) for name in INFERENCE_FIELDS}
+
+
 def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(
         ocp.CompositeCheckpointHandler(
             **{
                 _VARIABLES: ocp.StandardCheckpointHandler(),
                 _MODEL_CONFIG: ocp.JsonCheckpointHandler(),
+                _INFERENCE: ocp.JsonCheckpointHandler(),
             }
         )
     )
@@ -107,12 +149,20 @@ def save_model(
     variables: Mapping[str, Any],
     config: ml_collections.ConfigDict,
     *,
+    inference: Mapping[str, int] | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Writes {'params', 'batch_stats'} and the model config to the directory `path` (see module doc).
+    """Writes {'params', 'batch_stats'}, the model config and the inference protocol to the
+    directory `path` (see module doc).
+
+    Args:
+        inference: the protocol to record (`INFERENCE_FIELDS`); default `default_inference(config)`.
 
     Checks the variables against GroupViT(config) first, so a checkpoint always loads.
     """
+    inference = check_inference(
+        default_inference(config) if inference is None else inference, "save_model"
+    )
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
@@ -129,6 +179,7 @@ def save_model(
             **{
                 _VARIABLES: ocp.args.StandardSave(variables),
                 _MODEL_CONFIG: ocp.args.JsonSave(json.loads(config.to_json())),
+                _INFERENCE: ocp.args.JsonSave(inference),
             }
         ),
         force=overwrite,
@@ -148,6 +199,18 @@ def read_model_config(path: str) -> ml_collections.ConfigDict:
         )
     with open(config_file) as f:
         return config_from_json_dict(json.load(f))
+
+
+def read_inference(path: str) -> dict[str, int]:
+    """The inference protocol the checkpoint directory `path` records, or, for one written before
+    protocols were recorded, `default_inference` of its model config."""
+    path = os.path.abspath(path)
+    config = read_model_config(path)
+    inference_file = os.path.join(path, _INFERENCE, "metadata")
+    if not os.path.isfile(inference_file):
+        return default_inference(config)
+    with open(inference_file) as f:
+        return check_inference(json.load(f), f"checkpoint {path}")
 
 
 def load_model(
