@@ -1,7 +1,9 @@
 """The Hugging Face `transformers.GroupViTModel` layout, both ways (`python -m mixreorg_jax.convert`).
 
 A Hugging Face folder is `config.json` + `model.safetensors` of `transformers.GroupViTModel`
-(e.g. a download of nvidia/groupvit-gcc-yfcc); it is read and written without torch. CKPT is the
+(e.g. a download of nvidia/groupvit-gcc-yfcc); it is read and written without torch. `from_hf`
+reads only those two files; `to_hf` also writes what `transformers.pipeline` and `AutoProcessor`
+load (CLIP tokenizer and image processor files) and a model card (formats/hf_export.py). CKPT is the
 params-only Orbax layout of `mixreorg_jax.formats.model_files` (the trainer's export, what evaluation
 reads). The mapping is exact both ways: Linear weights are transposed, the patch convolution goes
 from [out, in, p, p] to [p, p, in, out], the projectors' BatchNorm running averages (and
@@ -14,13 +16,17 @@ Dropout settings of HF configs are ignored (this port has none; HF's checkpoints
 
 import json
 import os
+import pathlib
+import shutil
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import logging
 
-from mixreorg_jax.formats import model_files
+from mixreorg_jax.formats import hf_export, model_files
 from mixreorg_jax.models import presets
 
 # transformers' GroupViT defaults, for keys a config.json leaves out.
@@ -381,12 +387,149 @@ def from_hf(hf_dir: str, output: str, *, overwrite: bool = False) -> ml_collecti
     return config
 
 
-def to_hf(checkpoint: str, output: str) -> None:
-    """Writes `output`/config.json and model.safetensors from a model checkpoint."""
-    variables, config = model_files.load_model(checkpoint)
-    os.makedirs(output, exist_ok=True)
-    with open(os.path.join(output, "config.json"), "w") as f:
-        json.dump(model_config_to_hf_config(config), f, indent=2)
-    model_files.write_safetensors(
-        os.path.join(output, "model.safetensors"), params_to_hf(variables, config)
+# Model config fields with no Hugging Face counterpart: training and compute settings.
+_NOT_IN_HF = ("drop_path_rate", "weight_init", "dtype", "remat")
+
+
+def check_hf_expressible(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError if the HF config written for `config` describes another model (e.g. an
+    MLP ratio whose hidden size is not a whole number) or our tokenizer cannot feed it."""
+    back = hf_config_to_model_config(model_config_to_hf_config(config))
+    differ = [
+        f"{k} {config[k]} -> {back[k]}"
+        for k in config
+        if k not in _NOT_IN_HF and k in back and config[k] != back[k]
+    ]
+    if differ:
+        raise ValueError(
+            "The model has no exact transformers.GroupViTConfig; written and read back it "
+            f"changes {', '.join(differ)}"
+        )
+    if config.vocab_size != _HF_TEXT_DEFAULTS["vocab_size"]:
+        raise ValueError(
+            f"The model's vocab_size is {config.vocab_size}; the CLIP tokenizer written beside "
+            f"it has {_HF_TEXT_DEFAULTS['vocab_size']} tokens"
+        )
+
+
+def _load_checkpoint(model_dir: str) -> tuple[dict, ml_collections.ConfigDict]:
+    """`model_files.load_model`, with the errors of a damaged checkpoint said in a line."""
+    try:
+        return model_files.load_model(model_dir)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{model_dir}: the stored model config is not JSON ({e})") from None
+    except (ValueError, OSError):  # Missing files and mismatched shapes, named already.
+        raise
+    except Exception as e:  # Orbax wraps TensorStore's read error (which names the tensor).
+        while e.__cause__ or e.__context__:
+            e = e.__cause__ or e.__context__
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(
+            f"{model_dir}: the variables are unreadable ({type(e).__name__}: {first_line})"
+        ) from None
+
+
+def to_hf(
+    checkpoint: str,
+    output: str,
+    preprocessing: hf_export.Preprocessing,
+    *,
+    overwrite: bool = False,
+    command: str = "",
+) -> list[str]:
+    """Writes the Hugging Face folder `output` from a model checkpoint (or a finished training
+    workdir, or its export/): weights, config, tokenizer, image processor and model card
+    (formats/hf_export.py). The folder is written beside `output` and moved into place whole.
+
+    Args:
+        checkpoint: the model checkpoint, training workdir or WORKDIR/export.
+        output: the folder to create; with `overwrite`, an earlier export to replace.
+        preprocessing: how this project makes the model's inputs (convert.py fills it in).
+        command: the command line that runs this, for the model card.
+
+    Returns:
+        The names of the files written, in writing order.
+    """
+    model_dir, workdir = hf_export.find_model(checkpoint)
+    hf_export.check_output(output, overwrite, model_dir)
+    logging.info("reading %s", model_dir)
+    variables, config = _load_checkpoint(model_dir)
+    check_hf_expressible(config)
+    if not hf_export.exact_crop(config.image_size, preprocessing.crop_fraction):
+        logging.warning(
+            "image_size %d: CLIPImageProcessor cannot make our eval crop exactly (see README.md)",
+            config.image_size,
+        )
+    tensors = params_to_hf(variables, config)
+    record = hf_export.read_training_record(workdir) if workdir else None
+    card = hf_export.model_card(
+        config,
+        checkpoint=model_dir,
+        record=record,
+        preprocessing=preprocessing,
+        num_params=sum(np.size(v) for v in model_files.flatten_tree(variables["params"]).values()),
+        logit_scale=float(np.exp(tensors["logit_scale"])),
+        command=command,
     )
+
+    output = os.path.abspath(os.path.expanduser(output))
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    staging = f"{output}.partial-{uuid.uuid4().hex[:8]}"
+    os.mkdir(staging)
+    vocab_dir, length = preprocessing.vocab_dir, config.context_length
+    processor = hf_export.preprocessor_config(config.image_size, preprocessing)
+    size_mb = sum(t.nbytes for t in tensors.values()) / 2**20
+    files = [
+        (
+            "config.json",
+            "transformers.GroupViTConfig",
+            lambda path: hf_export.write_json(path, model_config_to_hf_config(config)),
+        ),
+        (
+            "model.safetensors",
+            f"{len(tensors)} tensors, {size_mb:.1f} MiB",
+            lambda path: model_files.write_safetensors(path, tensors),
+        ),
+        (
+            "vocab.json",
+            "CLIP's BPE vocabulary",
+            lambda path: shutil.copyfile(os.path.join(vocab_dir, "vocab.json"), path),
+        ),
+        (
+            "merges.txt",
+            "CLIP's BPE merges",
+            lambda path: shutil.copyfile(os.path.join(vocab_dir, "merges.txt"), path),
+        ),
+        (
+            "tokenizer_config.json",
+            f"CLIPTokenizer, model_max_length {length}",
+            lambda path: hf_export.write_json(path, hf_export.tokenizer_config(length)),
+        ),
+        (
+            "special_tokens_map.json",
+            "CLIPTokenizer's special tokens",
+            lambda path: hf_export.write_json(path, hf_export.special_tokens()),
+        ),
+        (
+            "preprocessor_config.json",
+            f"CLIPImageProcessor, short side {processor['size']['shortest_edge']}, "
+            f"centre crop {config.image_size}",
+            lambda path: hf_export.write_json(path, processor),
+        ),
+        (
+            "README.md",
+            f"model card, training record from {workdir}" if workdir else "model card",
+            lambda path: pathlib.Path(path).write_text(card),
+        ),
+    ]
+    try:
+        # Files as open() makes them under the umask (safetensors makes its file private).
+        mode = os.stat(staging).st_mode & 0o666
+        for name, what, write_file in files:
+            logging.info("writing %s (%s)", name, what)
+            write_file(os.path.join(staging, name))
+            os.chmod(os.path.join(staging, name), mode)
+        hf_export.replace_folder(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [name for name, _, _ in files]
