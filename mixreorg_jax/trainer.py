@@ -75,19 +75,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Order: this workdir's latest checkpoint, else `config.resume` (another run), else
     # `config.model_init` (parameters only), else scratch.
     manager = checkpointing.make_manager(str(workdir), config.checkpoint)
-    if manager.latest_step() is not None:
-        state, _ = checkpointing.restore(manager, abstract_state, train_iter)
-        logging.info("resumed from %s at step %d", workdir, int(state["step"]))
-    elif config.resume:
-        state, _ = checkpointing.restore(config.resume, abstract_state, train_iter)
-        logging.info("resumed from %s at step %d", config.resume, int(state["step"]))
-    else:
-        model_init.check_source(config.model_init)
-        state = jax.jit(built.init, out_shardings=state_sharding)(jax.random.key(config.seed))
-        if config.model_init.lower() not in model_init.SCRATCH:
-            state = model_init.initialize(
-                state, config.model_init, config.model, state_sharding, load=config.model_init_load
-            )
+    try:
+        if manager.latest_step() is not None:
+            state, _ = checkpointing.restore(manager, abstract_state, train_iter)
+            logging.info("resumed from %s at step %d", workdir, int(state["step"]))
+        elif config.resume:
+            state, _ = checkpointing.restore(config.resume, abstract_state, train_iter)
+            logging.info("resumed from %s at step %d", config.resume, int(state["step"]))
+        else:
+            model_init.check_source(config.model_init)
+            state = jax.jit(built.init, out_shardings=state_sharding)(jax.random.key(config.seed))
+            if config.model_init.lower() not in model_init.SCRATCH:
+                state = model_init.initialize(
+                    state,
+                    config.model_init,
+                    config.model,
+                    state_sharding,
+                    load=config.model_init_load,
+                )
+    except BaseException:
+        manager.close()  # A bad resume or model_init source: no thread outlives the error.
+        raise
     first_step = int(state["step"])
     export_dir = workdir / "export"
     if first_step >= total_steps:
@@ -99,6 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info(message)
         if is_main:
             print(message)
+        manager.close()
         writer.close()
         return {}
     report = periodic_actions.ReportProgress(

@@ -35,9 +35,14 @@ def make_manager(workdir: str, ckpt: ml_collections.ConfigDict) -> ocp.Checkpoin
         create=True,
         cleanup_tmp_directories=True,
     )
-    return ocp.CheckpointManager(
+    manager = ocp.CheckpointManager(
         _absolute(workdir) / "checkpoints", options=options, item_names=("state", "data")
     )
+    # The manager removes a crashed run's unfinished checkpoints in a background thread, which
+    # neither close() nor wait_until_finished() waits for: a run that stops right after start-up
+    # (a bad flag) would exit under it. It is a directory listing: wait for it here.
+    getattr(manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+    return manager
 
 
 def checkpoints_dir(path: str) -> str:
