@@ -88,10 +88,14 @@ def test_ci_runs_the_readmes_test_command_on_the_locked_versions():
     ci = (repo / ".ci" / "run").read_text().strip().splitlines()[-1]
     readme = (repo / "README.md").read_text()
     assert ci in readme.splitlines()
-    assert "pip install -r requirements.lock" in ci
-    locked = dict(
-        line.split("==")
-        for line in (repo / "requirements.lock").read_text().splitlines()
-        if "==" in line and not line.startswith("#")
-    )
-    assert {"jax", "flax", "optax", "orbax-checkpoint", "transformers", "torch"} <= set(locked)
+    assert 'pip install -r requirements-test.lock -e ".[test]"' in ci
+    assert "pip install -r requirements.lock -e . && bash launch/local.sh" in readme
+
+    def pins(name):
+        lines = (repo / name).read_text().splitlines()
+        return dict(line.split("==") for line in lines if "==" in line and line[0] != "#")
+
+    run, test = pins("requirements.lock"), pins("requirements-test.lock")
+    assert {"jax", "flax", "optax", "orbax-checkpoint", "transformers"} <= set(run)
+    assert {"torch", "libtpu"} <= set(test) - set(run)  # the test extra's, not the main job's
+    assert all(test[name] == version for name, version in run.items())
