@@ -184,10 +184,7 @@ def export(state: dict, config: ml_collections.ConfigDict, path: epath.Path) -> 
     """The model's variables, for evaluation and conversion; replaces an older export (Orbax
     renames a finished save into place, so a crash leaves the old one or none)."""
     model_files.save_model(
-        str(path),
-        {"params": state["params"]["model"], "batch_stats": state["batch_stats"]},
-        config.model,
-        overwrite=True,
+        str(path), train_step.model_variables(state), config.model, overwrite=True
     )
 
 

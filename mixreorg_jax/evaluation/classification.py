@@ -32,6 +32,7 @@ from mixreorg_jax import evaluation
 from mixreorg_jax.data import augment
 from mixreorg_jax.evaluation import inference, loop
 from mixreorg_jax.models import groupvit
+from mixreorg_jax.training import step as train_step
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _WORDNET_ID = re.compile(r"n\d{8}")
@@ -208,8 +209,7 @@ class Evaluator:
 
     def run(self, state: dict) -> dict[str, float]:
         """{'top1', 'top5'}: fractions of the images, for the training loop's metrics."""
-        variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
-        return self.evaluate(variables)["metrics"]
+        return self.evaluate(train_step.model_variables(state))["metrics"]
 
     def _load(self, index: int) -> tuple[np.ndarray, int]:
         image, label = self.images[index]

@@ -29,6 +29,7 @@ from mixreorg_jax import evaluation
 from mixreorg_jax.data import augment, pipeline
 from mixreorg_jax.evaluation import inference, loop
 from mixreorg_jax.models import groupvit
+from mixreorg_jax.training import step as train_step
 
 RECALL_AT = (1, 5, 10)
 
@@ -116,8 +117,7 @@ class Evaluator:
 
     def run(self, state: dict) -> dict[str, float]:
         """{i2t_r1, ..., t2i_r10}: fractions, for the training loop's metrics."""
-        variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
-        return self.evaluate(variables)["metrics"]
+        return self.evaluate(train_step.model_variables(state))["metrics"]
 
     def _load(self, index: int) -> tuple[np.ndarray, str]:
         record = self.records[index]

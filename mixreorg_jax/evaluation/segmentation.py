@@ -26,6 +26,7 @@ from mixreorg_jax import evaluation
 from mixreorg_jax.evaluation import inference, loop, segmentation_settings, visualize
 from mixreorg_jax.models import groupvit
 from mixreorg_jax.ops import miou as miou_ops
+from mixreorg_jax.training import step as train_step
 
 
 def _miou_dict(class_names, confusion) -> dict[str, Any]:
@@ -64,8 +65,9 @@ class Evaluator:
     def run(self, state: dict) -> dict[str, Any]:
         """The training loop's metrics: scalars (fractions) and, with `summary_images`, `overlays`
         uint8[N, window, window, 3], the predicted masks over this process's first N images."""
-        variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
-        results = self.evaluate(variables, overlays=self.settings.summary_images)
+        results = self.evaluate(
+            train_step.model_variables(state), overlays=self.settings.summary_images
+        )
         scalars = {"miou": results["miou"]}
         scalars.update({f"miou_{name}": r["miou"] for name, r in results["baselines"].items()})
         if self.bg_thresh == "auto":

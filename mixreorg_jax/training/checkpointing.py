@@ -19,6 +19,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from mixreorg_jax.formats import huggingface, model_files
+from mixreorg_jax.training import step as train_step
 
 
 def _absolute(path: str) -> epath.Path:
@@ -127,7 +128,7 @@ def load_variables(path: str) -> tuple[dict, ml_collections.ConfigDict]:
             raise FileNotFoundError(f"{root} has checkpoints but no config.json")
         config = model_files.config_from_json_dict(json.loads(config_file.read_text())["model"])
         state, _ = restore(str(root / "checkpoints"))
-        return {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}, config
+        return train_step.model_variables(state), config
     if (root / "config.json").exists() and (root / "model.safetensors").exists():
         tensors, hf_config = huggingface.read_hf_folder(str(root))
         config = huggingface.hf_config_to_model_config(hf_config)

@@ -22,6 +22,7 @@ from etils import epath
 from mixreorg_jax.formats import huggingface, model_files
 from mixreorg_jax.ops import resize
 from mixreorg_jax.training import checkpointing
+from mixreorg_jax.training import step as train_step
 
 # Hugging Face ViT/DeiT block names -> GroupViT's (both PyTorch Linear/LayerNorm layouts).
 _VIT_BLOCK = {
@@ -181,11 +182,8 @@ def initialize(
     `BACKBONE` for the patch embedding and stage-1 blocks that configs/backbone.py pre-trains.
     """
 
-    def model_part(tree):
-        return {"params": tree["params"]["model"], "batch_stats": tree["batch_stats"]}
-
-    current = model_files.flatten_tree(model_part(state))
-    shardings = model_files.flatten_tree(model_part(state_sharding))
+    current = model_files.flatten_tree(train_step.model_variables(state))
+    shardings = model_files.flatten_tree(train_step.model_variables(state_sharding))
     loaded = load_initial_variables(source, {k: v.shape for k, v in current.items()}, config)
     loaded = {k: v for k, v in loaded.items() if re.fullmatch(load, k)}
     if not loaded:

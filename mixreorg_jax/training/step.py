@@ -42,6 +42,12 @@ def make_init_fn(model, config: ml_collections.ConfigDict, tx: optax.GradientTra
     return init
 
 
+def model_variables(state: dict) -> dict:
+    """The model's part of a train state (or of its shardings): {'params', 'batch_stats'}, what
+    the model applies, exports and evaluates; the rest is the objective's and the optimiser's."""
+    return {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
+
+
 def abstract_state(init_fn, rng, mesh: jax.sharding.Mesh):
     """(shape/dtype/sharding structs of the state, its shardings), without allocating it."""
     shapes = jax.eval_shape(init_fn, rng)
