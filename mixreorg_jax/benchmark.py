@@ -44,7 +44,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mixreorg_jax import cli
+from mixreorg_jax import cli, trainer
 from mixreorg_jax.models import groupvit
 from mixreorg_jax.training import objective, sharding
 from mixreorg_jax.training import step as train_step
@@ -323,12 +323,12 @@ def tpu_slice(name: str) -> tuple[TpuChip, str, list]:
 
 
 def train_steps(config: ml_collections.ConfigDict, train_samples: int, epochs: float | None):
-    """(epochs, steps) of a run: `epochs` (default the config's) of `train_samples` examples in
-    batches of the config's size, or the config's total_steps when it counts no epochs."""
-    epochs = config.total_epochs if epochs is None else epochs
-    if epochs > 0:
-        return epochs, math.ceil(epochs * train_samples / config.data.batch_size)
-    return 0.0, config.total_steps
+    """(epochs, steps) of a run: `epochs` (default the config's) of `train_samples` examples, the
+    trainer's rule (`trainer.train_steps`; the config's total_steps when it counts no epochs)."""
+    run = ml_collections.ConfigDict(config.to_dict())
+    if epochs is not None:
+        run.total_epochs = epochs
+    return float(run.total_epochs), trainer.train_steps(run, train_samples)[0]
 
 
 def topology_report(
