@@ -632,6 +632,117 @@ def test_sigterm_to_training_process_saves_a_checkpoint_to_resume_from(
     )
 
 
+# ---------------------------------------------------------------- hard crashes (SIGKILL)
+# Runs `python -m mixreorg_jax.train`'s main with one trap that SIGKILLs the process (no handler,
+# no cleanup: what the OOM killer, `kill -9` or a lost host does) at a chosen point:
+#   batch N AFTER   as the process prepares its N-th batch, once checkpoints/AFTER is committed
+#                   (between two saves);
+#   commit NAME     as Orbax commits the directory NAME (a checkpoint step, or `export`): its
+#                   data is written to a temporary directory, which is not yet renamed into place.
+_KILLING_TRAIN = """
+import os, pathlib, signal, sys, time
+from absl import app
+from orbax.checkpoint._src.path import atomicity
+from mixreorg_jax import cli, train
+from mixreorg_jax.training import sharding
+
+kind, where, workdir = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
+del sys.argv[1:4]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if kind == "batch":
+    at, after = (int(v) for v in where.split(":"))
+    global_batch, calls = sharding.global_batch, []
+
+    def global_batch_or_die(*args):
+        calls.append(1)
+        if len(calls) == at:
+            deadline = time.time() + 120
+            while not (workdir / "checkpoints" / str(after)).exists() and time.time() < deadline:
+                time.sleep(0.05)
+            die()
+        return global_batch(*args)
+
+    sharding.global_batch = global_batch_or_die
+else:
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def finalize_or_die(self):
+        if self._final_path.name == where:
+            die()
+        return await finalize(self)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_die
+app.run(train.main, flags_parser=cli.parse_flags)
+"""
+
+
+def test_sigkill_at_any_point_costs_only_the_steps_since_the_last_complete_checkpoint(
+    tmp_path, synthetic_dir, compile_cache_dir, mixreorg_run
+):
+    """Killed between saves, during an asynchronous save and during the export, and restarted
+    with the same command each time: every restart resumes from the last complete checkpoint,
+    never from a half-written one, and the run ends bit for bit where an uninterrupted run does."""
+    uninterrupted_dir, _, _ = mixreorg_run
+    flags = [
+        f"--config={REPO / 'configs' / 'mixreorg.py'}:tiny",
+        f"--workdir={tmp_path}",
+        *cli_overrides(synthetic_dir, {"checkpoint.every_steps": 4}),
+    ]
+
+    def run(*trap) -> tuple[int, str]:
+        command = (
+            [sys.executable, "-c", _KILLING_TRAIN, *trap, str(tmp_path)]
+            if trap
+            else [sys.executable, "-m", "mixreorg_jax.train"]
+        )
+        done = subprocess.run(
+            [*command, *flags],
+            cwd=REPO,
+            env=subprocess_env(compile_cache_dir),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        return done.returncode, done.stdout + done.stderr
+
+    def saved() -> list[str]:
+        return sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+
+    # Killed as step 6 is prepared, checkpoint 4 complete.
+    returncode, log = run("batch", "6:4")
+    assert returncode == -signal.SIGKILL, log[-3000:]
+    assert saved() == ["4"]
+
+    # Killed while checkpoint 8 is being saved: its files are written, not committed.
+    returncode, log = run("commit", "8")
+    assert returncode == -signal.SIGKILL, log[-3000:]
+    assert "at step 4" in log and "training steps 4 -> 12" in log, log[-3000:]
+    assert saved()[0] == "4" and saved()[1].startswith("8.orbax-checkpoint-tmp"), saved()
+
+    # The half-written 8 is not read (resumes from 4 again, deletes it); killed in the export.
+    returncode, log = run("commit", "export")
+    assert returncode == -signal.SIGKILL, log[-3000:]
+    assert "training steps 4 -> 12" in log, log[-3000:]
+    assert saved() == ["12", "4", "8"]
+    assert not (tmp_path / "export").exists()
+    assert [p.name for p in tmp_path.glob("export.orbax-checkpoint-tmp*")], list(tmp_path.iterdir())
+
+    # The same command once more: nothing to train, the export written.
+    returncode, log = run()
+    assert returncode == 0, log[-3000:]
+    assert f"finished at step {TOTAL_STEPS} of {TOTAL_STEPS}" in log
+    assert_trees_equal(
+        read_state(tmp_path, TOTAL_STEPS), read_state(uninterrupted_dir, TOTAL_STEPS)
+    )
+    exported, _ = model_files.load_model(str(tmp_path / "export"))
+    reference, _ = model_files.load_model(str(uninterrupted_dir / "export"))
+    assert_trees_equal(exported, reference)
+    assert sorted(p.name for p in tmp_path.iterdir() if "tmp" in p.name) == []
+
+
 # ---------------------------------------------------------------- divergence
 def test_non_finite_loss_stops_naming_step_terms_and_last_checkpoint(
     tmp_path, synthetic_dir, monkeypatch, mixreorg_run
