@@ -13,31 +13,38 @@ setuptools.setup(
     package_dir={"mixreorg_jax.configs": "configs"},
     package_data={"mixreorg_jax": ["assets/*"]},
     python_requires=">=3.10",
+    # Ranges, for installing into an environment of one's own: lower bounds are the releases that
+    # brought the APIs used here (not tested), upper bounds the next major release. The tests
+    # pass on the exact versions of requirements.lock / requirements-test.lock, which the
+    # README's commands install.
     install_requires=[
-        "jax>=0.7",
-        "flax>=0.10",
-        "optax",
-        "orbax-checkpoint",
-        "grain",
-        "array_record",
-        "tensorflow-datasets",
-        "tensorflow-cpu",
-        "tensorboard",
-        "ml_collections",
-        "clu",
-        "transformers>=4.40",
-        "safetensors",
-        "ftfy",
+        "jax>=0.7,<1",
+        "flax>=0.10,<1",
+        "optax>=0.2.4,<1",
+        "orbax-checkpoint>=0.11,<1",
+        "grain>=0.2.12,<1",
+        "array_record>=0.7,<1",
+        "tensorflow-datasets>=4.9.7,<5",
+        "tensorflow-cpu>=2.18,<3",
+        "tensorboard>=2.18,<3",
+        "ml_collections>=1.0,<2",
+        "clu>=0.0.12",
+        "transformers>=4.40,<6",
+        "safetensors>=0.4,<1",
+        "ftfy>=6,<7",
         "regex",
-        "nltk",
-        "pyarrow",
+        "nltk>=3.9,<4",
+        "pyarrow>=14",
         "importlib_resources",
-        "pillow",
-        "numpy",
-        "matplotlib",
-        "absl-py",
+        "pillow>=10",
+        "numpy>=1.26,<3",
+        "matplotlib>=3.8,<4",
+        "absl-py>=2,<3",
     ],
     extras_require={
+        # Data preparation on Apache Beam (`prepare_captions --beam_runner`); Dataflow also needs
+        # `apache-beam[gcp]`.
+        "beam": ["apache-beam>=2.77,<3"],
         # torch==2.13.0 is the CPU build available locally; the reference for numerical parity.
         # img2dataset fetches the paper smoke test's images (tests/test_paper.py); jax[tpu]'s
         # libtpu compiles for a TPU slice without one (`benchmark --topology`).
@@ -49,6 +56,7 @@ setuptools.setup(
             "ruff==0.17.6",
             "img2dataset==1.47.0",
             "jax[tpu]",
+            "apache-beam==2.77.0",
         ],
     },
 )

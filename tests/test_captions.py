@@ -3,8 +3,10 @@ program) from tiny fixture trees."""
 
 import io
 import json
+import logging
 import os
 import struct
+import sys
 import tarfile
 
 import numpy as np
@@ -382,3 +384,73 @@ def test_command_line_errors_are_one_line(tmp_path, monkeypatch):
         run_prepare_captions(
             ["--source", str(tmp_path / "missing.tar"), "--data_dir", str(tmp_path), "--name", "x"]
         )
+
+
+def test_beam_pipeline_writes_the_single_machine_dataset(tmp_path, monkeypatch, capsys, caplog):
+    """The DirectRunner over shards with bad samples, a truncated shard and a missing one: the
+    same examples in the same order, the same counts, the same unreadable files named."""
+    for shard in range(4):
+        with tarfile.open(tmp_path / f"{shard:05d}.tar", "w") as tar:
+            for i in range(5):
+                add_member(tar, f"{shard}{i}.jpg", jpeg(10 * shard + i))
+                add_member(tar, f"{shard}{i}.txt", f"a dog {shard} {i}".encode())
+            add_member(tar, f"{shard}9.jpg", b"not an image")
+            add_member(tar, f"{shard}9.txt", b"a broken cat")
+            add_member(tar, f"{shard}8.jpg", jpeg(99))
+            add_member(tar, f"{shard}8.txt", b"  ")
+    with tarfile.open(tmp_path / "00003.tar") as tar:  # cut in the middle of 32.jpg
+        cut = tar.getmember("32.jpg").offset_data + 100
+    (tmp_path / "00003.tar").write_bytes((tmp_path / "00003.tar").read_bytes()[:cut])
+    sources = str(tmp_path / "{00000..00004}.tar")  # 00004 is missing
+    caplog.set_level(logging.INFO)
+    single = captions.prepare("pairs", sources, data_dir=str(tmp_path / "one"), tag=fake_tagger)
+    done = "preparing train: 5/5 files (100%) in "
+    assert any(r.getMessage().startswith(done) for r in caplog.records)  # progress with an ETA
+    monkeypatch.setattr(words_lib, "nltk_tagger", lambda: fake_tagger)
+    run_prepare_captions(
+        [
+            *("--source", sources, "--data_dir", str(tmp_path / "beam"), "--name", "pairs"),
+            "--beam_runner=DirectRunner",
+        ]
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    def examples(directory):
+        builder = tfds.builder_from_directory(directory)
+        source = builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
+        return [
+            (e["image"], e["caption"], list(e["words"]))
+            for e in map(source.__getitem__, range(len(source)))
+        ]
+
+    expected = examples(single)
+    assert len(expected) == 17  # 3 whole shards of 5, the truncated one's first 2
+    assert examples(summary["dir"]) == expected
+    # The runner and its options passed through, as for Dataflow: the same again.
+    run_prepare_captions(
+        [
+            *("--source", sources, "--data_dir", str(tmp_path / "opts"), "--name", "pairs"),
+            "--beam_pipeline_options=runner=DirectRunner,direct_num_workers=2",
+        ]
+    )
+    with_options = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert examples(with_options["dir"]) == expected
+    assert {k: v for k, v in with_options.items() if k != "dir"} == {
+        k: v for k, v in summary.items() if k != "dir"
+    }
+    metadata = tfds.builder_from_directory(single).info.metadata
+    assert metadata[captions.UNREADABLE_FILES] == [
+        str(tmp_path / "00003.tar"),
+        str(tmp_path / "00004.tar"),
+    ]
+    assert (metadata["skipped_corrupt_image"], metadata["skipped_bad_caption"]) == (3, 3)
+    assert metadata["counts"]["train"]["examples"] == len(expected)
+    assert {k: summary[k] for k in metadata} == dict(metadata)
+
+    # Without apache-beam, or with worker processes too: one line each.
+    argv = ["--source", sources, "--data_dir", str(tmp_path / "x"), "--name", "pairs"]
+    with pytest.raises(SystemExit, match="num_workers is for the single-machine path"):
+        run_prepare_captions([*argv, "--beam_runner=DirectRunner", "--num_workers=2"])
+    monkeypatch.setitem(sys.modules, "apache_beam", None)
+    with pytest.raises(SystemExit, match=r"pip install 'mixreorg_jax\[beam\]'"):
+        run_prepare_captions([*argv, "--beam_runner=DirectRunner"])

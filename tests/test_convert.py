@@ -10,6 +10,7 @@ import functools
 import html
 import io
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -672,12 +673,15 @@ def test_existing_output_is_refused_in_one_line_by_the_cli(exported, tmp_path):
     assert (out / "keep.txt").exists() and os.path.isdir(os.path.join(checkpoint, "variables"))
 
 
-def test_overwrite_replaces_an_earlier_export(exported, tmp_path):
+def test_overwrite_replaces_an_earlier_export(exported, tmp_path, caplog):
     checkpoint, export = exported
     out = tmp_path / "hf"
     shutil.copytree(export, out)
     (out / "stale.txt").write_text("from before")
+    caplog.set_level(logging.INFO)
     run_convert(["to-hf", "--checkpoint", checkpoint, "--output", str(out), "--overwrite"])
+    done = f"export {out}: {len(EXPORT_FILES)}/{len(EXPORT_FILES)} files (100%) in "
+    assert any(r.getMessage().startswith(done) for r in caplog.records)  # progress, one per file
     assert sorted(os.listdir(out)) == sorted(EXPORT_FILES)
     assert not [p for p in os.listdir(tmp_path) if p != "hf"]  # no staging folder left
     assert (out / "model.safetensors").read_bytes() == pathlib.Path(

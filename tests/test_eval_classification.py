@@ -4,6 +4,7 @@ class-folder tree and from a TFDS split, the class-name rules, the eval binary, 
 
 import io
 import json
+import logging
 import os
 import pathlib
 
@@ -152,7 +153,7 @@ def as_state(variables):
     return {"params": {"model": variables["params"]}, "batch_stats": variables["batch_stats"]}
 
 
-def test_folder_and_tfds_split_match_numpy(variables, folder, tfds_dir):
+def test_folder_and_tfds_split_match_numpy(variables, folder, tfds_dir, caplog):
     root, items = folder
     names = [name.replace("_", " ") for name in FOLDERS]
     expected = reference(variables, items, names)
@@ -161,8 +162,11 @@ def test_folder_and_tfds_split_match_numpy(variables, folder, tfds_dir):
     evaluator = make_evaluator(data_dir=root)
     assert evaluator.class_names == names  # sorted folders, '_' as a space
     assert evaluator.embedder.batch == 8  # 5 rounded up to the 8 devices: 14 = 8 + 6 (padded)
+    caplog.set_level(logging.INFO)
     results = evaluator.evaluate(variables)
     assert results["num_images"] == len(items) and results["split"] is None
+    done = f"classification {root}: {len(items)}/{len(items)} images (100%) in "
+    assert any(r.getMessage().startswith(done) for r in caplog.records)  # progress with an ETA
     assert results["metrics"] == pytest.approx(expected, abs=1e-12)
     assert results["protocol"]["local_devices"] == 8
     # As the training loop calls it: its mesh set, the state on it.

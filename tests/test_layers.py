@@ -14,16 +14,23 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "mixreorg_jax"
 
 # From the bottom. Each layer may import itself and the layers listed for it.
 ALLOWED = {
+    # Logging of long loops' progress (progress.py): plain Python, beneath everything.
+    "progress": set(),
     "ops": {"ops"},
     "losses": {"ops"},
     "models": {"ops", "models"},
-    "data": {"data"},
-    "formats": {"ops", "models", "formats"},
-    "training": {"ops", "losses", "models", "data", "formats", "training"},
-    "evaluation": {"ops", "losses", "models", "data", "formats", "training", "evaluation"},
+    "data": {"progress", "data"},
+    "formats": {"progress", "ops", "models", "formats"},
+    "training": {"progress", "ops", "losses", "models", "data", "formats", "training"},
+    "evaluation": {
+        *("progress", "ops", "losses", "models", "data", "formats", "training", "evaluation")
+    },
     # The library's front: `load` (api.py), the trainer that runs training with its in-loop
     # evaluators (trainer.py), the programs' shared command-line helpers (cli.py).
-    "api": {"ops", "losses", "models", "data", "formats", "training", "evaluation", "api"},
+    "api": {
+        *("progress", "ops", "losses", "models", "data", "formats", "training", "evaluation"),
+        "api",
+    },
 }
 ALLOWED["programs"] = set(ALLOWED) - {"programs"}
 FOLDER_LAYERS = ("ops", "models", "data", "formats", "training", "evaluation")
@@ -50,8 +57,8 @@ def layer_of(name: str, program: bool) -> str:
     parts = name.split(".")
     if len(parts) > 1 and parts[1] in FOLDER_LAYERS:
         return parts[1]
-    if name == "mixreorg_jax.losses":
-        return "losses"
+    if name in ("mixreorg_jax.losses", "mixreorg_jax.progress"):
+        return name.split(".")[1]
     if name in ("mixreorg_jax", "mixreorg_jax.api", "mixreorg_jax.trainer", "mixreorg_jax.cli"):
         return "api"
     if program or (len(parts) > 1 and parts[1] == "experiments"):

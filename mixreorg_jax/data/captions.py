@@ -44,8 +44,10 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 from PIL import Image
 
+from mixreorg_jax import progress
 from mixreorg_jax.data import words as words_lib
 
 VERSION = "1.0.0"
@@ -63,6 +65,8 @@ COUNT_NAMES = (
     "re_encoded_image",
     "unreadable_source",
 )
+# The metadata key naming the source files that were missing or unreadable (over all splits).
+UNREADABLE_FILES = "unreadable_files"
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "image", "image/encoded")
 CAPTION_KEYS = ("txt", "caption", "text")
@@ -88,7 +92,12 @@ def _expand_braces(pattern: str) -> list[str]:
 
 
 def expand_sources(patterns: str | Sequence[str]) -> list[str]:
-    """Files matching brace/glob patterns, in pattern order; a pattern matching none is an error."""
+    """Files matching brace/glob patterns, in pattern order.
+
+    A pattern matching no file is an error (a typo, most likely). A file that a brace range
+    names but that is missing (a shard the download lost) is kept: reading it fails, and it is
+    counted and named as an unreadable source.
+    """
     if isinstance(patterns, str):
         patterns = [patterns]
     files = []
@@ -96,13 +105,23 @@ def expand_sources(patterns: str | Sequence[str]) -> list[str]:
         matched = [
             f
             for p in _expand_braces(os.path.expanduser(pattern))
-            for f in (sorted(glob.glob(p)) if glob.has_magic(p) else [p])
-            if os.path.isfile(f)
+            for f in (_glob(p) if glob.has_magic(p) else [p])
         ]
-        if not matched:
+        if not any(epath.Path(f).is_file() for f in matched):
             raise FileNotFoundError(f"no source files match {pattern!r}")
         files.extend(matched)
     return files
+
+
+def _glob(pattern: str) -> list[str]:
+    """Files matching `pattern`, sorted: anywhere in a local path; in the last part only on
+    other file systems (`gs://bucket/cc12m/*.tar`), which epath reads."""
+    if "://" not in pattern:
+        return [f for f in sorted(glob.glob(pattern)) if os.path.isfile(f)]
+    folder, name = pattern.rsplit("/", 1)
+    if glob.has_magic(folder):
+        raise ValueError(f"{pattern!r}: on {folder.split('://')[0]}://, only file names may glob")
+    return sorted(str(p) for p in epath.Path(folder).glob(name) if p.is_file())
 
 
 # ---------------------------------------------------------------- validation
@@ -162,7 +181,7 @@ def _read_webdataset(path: str) -> Iterator[tuple[str, bytes | None, bytes | Non
         caption = next((members[k] for k in CAPTION_KEYS if k in members), None)
         return key, image, caption
 
-    with tarfile.open(path, "r|*") as tar:
+    with epath.Path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         key, members = None, {}
         for member in tar:
             if not member.isfile():
@@ -189,33 +208,34 @@ def _read_parquet(path: str) -> Iterator[tuple[str, bytes | None, bytes | None]]
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
-    try:
-        parquet = pq.ParquetFile(path)
-    except pa.ArrowInvalid as e:
-        raise DamagedSourceError("not a readable parquet file") from e
-    names = parquet.schema_arrow.names
-    image_key = next((k for k in IMAGE_KEYS if k in names), None)
-    caption_key = next((k for k in CAPTION_KEYS if k in names), None)
-    if image_key is None or caption_key is None:
-        raise ValueError(
-            f"{path}: parquet needs an image column (one of {IMAGE_KEYS}) and a "
-            f"caption column (one of {CAPTION_KEYS}); it has {names}"
-        )
-    columns = [image_key, caption_key] + (["key"] if "key" in names else [])
-    row = 0
-    batches = parquet.iter_batches(batch_size=256, columns=columns)
-    while True:
+    with epath.Path(path).open("rb") as f:
         try:
-            batch = next(batches, None)
+            parquet = pq.ParquetFile(f)
         except pa.ArrowInvalid as e:
-            raise DamagedSourceError(f"bad parquet data after row {row}") from e
-        if batch is None:
-            return
-        data = batch.to_pydict()
-        for i in range(batch.num_rows):
-            key = str(data["key"][i]) if "key" in data else str(row)
-            yield key, _image_column_value(data[image_key][i]), data[caption_key][i]
-            row += 1
+            raise DamagedSourceError("not a readable parquet file") from e
+        names = parquet.schema_arrow.names
+        image_key = next((k for k in IMAGE_KEYS if k in names), None)
+        caption_key = next((k for k in CAPTION_KEYS if k in names), None)
+        if image_key is None or caption_key is None:
+            raise ValueError(
+                f"{path}: parquet needs an image column (one of {IMAGE_KEYS}) and a "
+                f"caption column (one of {CAPTION_KEYS}); it has {names}"
+            )
+        columns = [image_key, caption_key] + (["key"] if "key" in names else [])
+        row = 0
+        batches = parquet.iter_batches(batch_size=256, columns=columns)
+        while True:
+            try:
+                batch = next(batches, None)
+            except pa.ArrowInvalid as e:
+                raise DamagedSourceError(f"bad parquet data after row {row}") from e
+            if batch is None:
+                return
+            data = batch.to_pydict()
+            for i in range(batch.num_rows):
+                key = str(data["key"][i]) if "key" in data else str(row)
+                yield key, _image_column_value(data[image_key][i]), data[caption_key][i]
+                row += 1
 
 
 def _read_tfrecord(path: str) -> Iterator[tuple[str, bytes | None, bytes | None]]:
@@ -227,7 +247,7 @@ def _read_tfrecord(path: str) -> Iterator[tuple[str, bytes | None, bytes | None]
     from google.protobuf import message as protobuf_message  # pylint: disable=g-import-not-at-top
     from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
 
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         for row in itertools.count():
             header = f.read(12)
             if not header:
@@ -257,7 +277,8 @@ def _read_tfrecord(path: str) -> Iterator[tuple[str, bytes | None, bytes | None]
 
 def _caption_file_rows(path: str) -> Iterator[tuple[str, str]]:
     """(file name, caption) rows; undecodable bytes stay lone surrogates (see checked_caption)."""
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    text = epath.Path(path).read_bytes().decode("utf-8", "surrogateescape")
+    with io.StringIO(text, newline="") as f:
         if path.endswith(".jsonl"):
             for line in f:
                 if line.strip():
@@ -296,8 +317,7 @@ def _read_caption_file(path: str) -> Iterator[tuple[str, bytes | None, str | Non
         image = None
         if name:
             try:
-                with open(os.path.join(folder, name), "rb") as f:
-                    image = f.read()
+                image = epath.Path(folder, name).read_bytes()
             except OSError:
                 logging.warning("%s: cannot read image %r", path, name)
         yield str(name), image, caption
@@ -393,26 +413,107 @@ class CaptionDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
         }
 
     def _generate_examples(self, split: str, files: list[str]):
-        totals = collections.Counter({name: 0 for name in COUNT_NAMES})
         prepare = functools.partial(prepare_file, tag=self._tag)
         if self._num_workers > 0:
             pool = multiprocessing.get_context("spawn").Pool(self._num_workers)
             results = pool.imap(prepare, files)
         else:
             pool, results = None, map(prepare, files)
+        per_file, report = [], progress.Progress(len(files), f"preparing {split}", unit="files")
         try:
             for path, (examples, counts) in zip(files, results):
-                totals.update(counts)
+                per_file.append((split, path, counts))
                 logging.info("%s: %s", path, dict(counts))
+                report.update()
                 yield from examples
         finally:
             if pool is not None:
                 pool.terminate()
-        logging.info("split %s: %s", split, dict(totals))
-        metadata = self.info.metadata
-        metadata.setdefault("counts", {})[split] = dict(totals)
-        for name in COUNT_NAMES[1:]:
-            metadata[name] = sum(c[name] for c in metadata["counts"].values())
+        record_counts(self.info.metadata, per_file)
+
+
+class BeamCaptionDatasetBuilder(CaptionDatasetBuilder, skip_registration=True):
+    """The same dataset, prepared by an Apache Beam pipeline (Dataflow, Flink, Spark, or the
+    DirectRunner): one element per source file, each prepared by `prepare_file` on a worker.
+
+    The per-file counts travel beside the examples to one JSON file in the dataset's (still
+    unfinished) directory, which the launching process reads into the metadata when the
+    pipeline is done; the same counts are Beam counters (namespace `mixreorg_jax.captions`)
+    for the runner's monitoring.
+    """
+
+    def _split_generators(self, dl_manager, pipeline):
+        import apache_beam as beam  # pylint: disable=g-import-not-at-top
+
+        del dl_manager  # Local files only.
+        # The tagger (NLTK's, loaded here) goes to the workers as data: they need no NLTK data.
+        tagger = pipeline | "tagger" >> beam.Create([self._tag or words_lib.nltk_tagger()])
+        splits, per_file = {}, []
+        for split, patterns in self._sources.items():
+            prepared = (
+                pipeline
+                | f"{split}_files" >> beam.Create(expand_sources(patterns))
+                | f"{split}_spread" >> beam.Reshuffle()
+                | f"{split}_prepare"
+                >> beam.FlatMap(
+                    _prepare_file_in_beam, split=split, tag=beam.pvalue.AsSingleton(tagger)
+                ).with_outputs(_COUNTS, main="examples")
+            )
+            splits[split] = prepared.examples
+            per_file.append(prepared[_COUNTS])
+        _ = (
+            per_file
+            | "counts_together" >> beam.Flatten()
+            | "counts_list" >> beam.combiners.ToList()
+            | "counts_json" >> beam.Map(json.dumps)
+            | "counts_write"
+            >> beam.io.WriteToText(
+                os.fspath(self._counts_file()), num_shards=1, shard_name_template=""
+            )
+        )
+        return splits
+
+    def _counts_file(self) -> epath.Path:
+        return self.data_path / "source_file_counts.json"
+
+    def _process_pipeline_result(self, pipeline_result):
+        del pipeline_result
+        record_counts(self.info.metadata, json.loads(self._counts_file().read_text()))
+        self._counts_file().unlink()
+
+
+_COUNTS = "counts"
+
+
+def _prepare_file_in_beam(path: str, split: str, tag: words_lib.Tagger):
+    """`prepare_file` as a Beam FlatMap: the examples, and (split, path, counts) on `_COUNTS`."""
+    import apache_beam as beam  # pylint: disable=g-import-not-at-top
+
+    examples, counts = prepare_file(path, tag)
+    logging.info("%s: %s", path, dict(counts))
+    for name, count in counts.items():
+        beam.metrics.Metrics.counter("mixreorg_jax.captions", f"{split}/{name}").inc(count)
+    yield beam.pvalue.TaggedOutput(_COUNTS, (split, path, dict(counts)))
+    yield from examples
+
+
+def record_counts(metadata: tfds.core.MetadataDict, per_file) -> None:
+    """Stores `per_file`'s (split, source file, counts) in the dataset's metadata: the sums per
+    split under `counts`, over all splits under each count's name (`COUNT_NAMES`), and the
+    missing or unreadable files under `UNREADABLE_FILES`."""
+    totals = metadata.setdefault("counts", {})
+    unreadable = set(metadata.get(UNREADABLE_FILES, ()))
+    for split, path, counts in per_file:
+        split_totals = totals.setdefault(split, dict.fromkeys(COUNT_NAMES, 0))
+        for name in COUNT_NAMES:
+            split_totals[name] += counts[name]
+        if counts["unreadable_source"]:
+            unreadable.add(path)
+    for split, split_totals in totals.items():
+        logging.info("split %s: %s", split, split_totals)
+    for name in COUNT_NAMES[1:]:
+        metadata[name] = sum(c[name] for c in totals.values())
+    metadata[UNREADABLE_FILES] = sorted(unreadable)
 
 
 def caption_builder(
@@ -422,19 +523,30 @@ def caption_builder(
     data_dir: str,
     tag: words_lib.Tagger | None = None,
     num_workers: int = 0,
+    beam: bool = False,
 ) -> CaptionDatasetBuilder:
     """A builder writing dataset `name` (array_record) under `data_dir`/`name`/1.0.0.
 
     `sources`: patterns of the train split, or {split: patterns}. `tag`: the part-of-speech
-    tagger (default NLTK's). `num_workers` > 0 reads and checks files in that many processes.
+    tagger (default NLTK's). `num_workers` > 0 reads and checks files in that many processes;
+    `beam` prepares them in an Apache Beam pipeline instead (`BeamCaptionDatasetBuilder`).
     """
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"dataset name {name!r} must be snake_case: [a-z][a-z0-9_]*")
+    if beam and num_workers:
+        raise ValueError("num_workers is for the single-machine path; Beam has its own workers")
+    if beam:
+        try:
+            import apache_beam  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+        except ImportError:
+            raise ValueError(
+                "preparing with Beam needs apache-beam: pip install 'mixreorg_jax[beam]'"
+            ) from None
     if isinstance(sources, str) or not isinstance(sources, Mapping):
         sources = {"train": [sources] if isinstance(sources, str) else list(sources)}
     cls = types.new_class(
         f"CaptionDataset_{name}",
-        (CaptionDatasetBuilder,),
+        (BeamCaptionDatasetBuilder if beam else CaptionDatasetBuilder,),
         {"skip_registration": True},
         lambda namespace: namespace.update(name=name, __module__=__name__),
     )
@@ -455,13 +567,29 @@ def prepare(
     tag: words_lib.Tagger | None = None,
     num_workers: int = 0,
     overwrite: bool = False,
+    beam_runner: str | None = None,
+    beam_options: Sequence[str] = (),
 ) -> str:
-    """Prepares the dataset (if not there yet, or `overwrite`); returns its directory."""
-    builder = caption_builder(name, sources, data_dir=data_dir, tag=tag, num_workers=num_workers)
+    """Prepares the dataset (if not there yet, or `overwrite`); returns its directory.
+
+    `beam_runner` (e.g. DirectRunner, DataflowRunner, FlinkRunner, SparkRunner) or
+    `beam_options` (Beam pipeline flags, `["--project=p", "--region=r", ...]`, a `--runner`
+    among them) prepare it in an Apache Beam pipeline; the dataset is the same.
+    """
+    beam = bool(beam_runner or beam_options)
+    builder = caption_builder(
+        name, sources, data_dir=data_dir, tag=tag, num_workers=num_workers, beam=beam
+    )
     mode = (
         tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
         if overwrite
         else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     )
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    config = tfds.download.DownloadConfig(download_mode=mode)
+    if beam:
+        from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
+
+        config.beam_runner = beam_runner
+        config.beam_options = pipeline_options.PipelineOptions(flags=list(beam_options))
+    builder.download_and_prepare(download_config=config)
     return str(builder.data_dir)

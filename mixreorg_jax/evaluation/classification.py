@@ -225,8 +225,10 @@ class Evaluator:
             variables = self.embedder.place(variables)
             class_emb = self.embedder.class_embeddings(variables, self.class_names, self.templates)
             totals = loop.Totals({"hits": np.zeros(2)}, lag=1)
-            throughput = loop.Throughput()
             indices = loop.process_indices(len(self.images), s.max_images)
+            throughput = loop.Throughput(
+                len(indices), f"classification {s.tfds_name or s.data_dir}"
+            )
             examples = loop.read_ahead(self._load, indices, depth=2 * self.embedder.batch)
             for k, batch in enumerate(loop.batches(examples, self.embedder.batch)):
                 images = np.stack([image for _, (image, _) in batch])

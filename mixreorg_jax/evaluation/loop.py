@@ -26,6 +26,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mixreorg_jax import progress
+
 
 def with_overrides(
     defaults: ml_collections.ConfigDict, eval_config: ml_collections.ConfigDict, name: str
@@ -123,16 +125,19 @@ class Totals:
 
 
 class Throughput:
-    """Counts a process's images and its images per second after the first model calls, whose
-    time includes the compilation."""
+    """Counts a process's images, logs its progress towards `total` of them with an ETA, and
+    measures its images per second after the first model calls, whose time includes the
+    compilation. `what` names the work in the log (`progress.Progress`)."""
 
-    def __init__(self):
+    def __init__(self, total: int, what: str):
         self.images, self._steady_images, self._start = 0, 0, None
+        self._progress = progress.Progress(total, what, unit="images")
 
     def add(self, count: int, outputs, *, first: bool) -> None:
         """`count` images whose model `outputs` (device arrays) came from the first calls or
         not: those of the first calls are waited for, and the clock starts."""
         self.images += count
+        self._progress.update(count)
         if first:
             jax.block_until_ready(outputs)
             self._start = time.perf_counter()

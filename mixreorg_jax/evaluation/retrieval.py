@@ -132,7 +132,8 @@ class Evaluator:
         settings), seconds, images_per_second and images_per_second_after_compilation."""
         start, s = time.perf_counter(), self.settings
         indices = loop.process_indices(len(self.records), s.max_images)
-        image_rows, captions, throughput = [], [], loop.Throughput()
+        image_rows, captions = [], []
+        throughput = loop.Throughput(len(indices), f"retrieval {s.data_dir}")
         with jax.set_mesh(None):  # The embedder places its arrays itself.
             variables = self.embedder.place(variables)
             examples = loop.read_ahead(self._load, indices, depth=2 * self.embedder.batch)

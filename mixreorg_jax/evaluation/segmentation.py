@@ -83,8 +83,9 @@ class Evaluator:
         `output_dir`."""
         k = len(self.class_names)
         totals = loop.Totals(inference.zero_confusions(len(thresholds), k, self.has_background))
-        throughput, pictures = loop.Throughput(), []
         indices = loop.process_indices(len(dataset), self.settings.max_images)
+        throughput = loop.Throughput(len(indices), f"segmentation {self.settings.dataset}")
+        pictures = []
         for result in self.segmenter.segment(
             variables,
             class_emb,

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mixreorg_jax import progress
 from mixreorg_jax.formats import hf_export, model_files
 from mixreorg_jax.models import presets
 
@@ -525,10 +526,12 @@ def to_hf(
     try:
         # Files as open() makes them under the umask (safetensors makes its file private).
         mode = os.stat(staging).st_mode & 0o666
+        report = progress.Progress(len(files), f"export {output}", unit="files", every_seconds=0)
         for name, what, write_file in files:
             logging.info("writing %s (%s)", name, what)
             write_file(os.path.join(staging, name))
             os.chmod(os.path.join(staging, name), mode)
+            report.update()
         hf_export.replace_folder(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
