@@ -10,9 +10,7 @@ r"""Train-step throughput of GroupViT and MixReorg (and of PyTorch's GroupViT), 
 
 The step is the trainer's own jitted update (`train_step.make_update_fn`) on random data of the
 config's shapes, so the data pipeline is not timed. `groupvit` is the same config with mixing off;
-`mixreorg` with it on. `--against=pytorch` also times `transformers.GroupViTModel` (image-text
-contrastive loss, AdamW) at the same sizes, batch and thread count, against our GroupViT step
-with the same loss (multi-label off), and reports ours / PyTorch. `--memory_only` compiles without
+`mixreorg` with it on. `--memory_only` compiles without
 running and reports XLA's per-device memory analysis of each step (on CPU with XLA's
 memory-minimising scheduler, as accelerators schedule), and the bytes its forward pass saves for
 the backward pass (what rematerialisation shrinks).
@@ -26,6 +24,15 @@ against the chip's HBM, the step's FLOPs from its cost analysis, and what the st
 `--mfu` of the chip's peak bf16 rate: its time and the chip-hours of the config's epochs of
 `--train_samples` examples (NVlabs' GroupViT, for scale: 16 V100 for 2 days). The JSON line is
 followed by the same numbers as a markdown table.
+
+`--against=pytorch` compares our GroupViT step with `transformers.GroupViTModel`'s (image-text
+contrastive loss, AdamW, clipping; ours with the same loss: multi-label off, no drop-path) at the
+config's sizes and batch, fairly: each side timed in a fresh process of its own (a library timed
+after another in one process runs slower), the sides alternating over `--rounds`, both pinned to
+the same `--threads` cores, in fp32 on both sides and in bf16 (ours computing in bf16, PyTorch
+under `torch.autocast("cpu", torch.bfloat16)`). It reports each side's median and range, the
+ratio of the medians per dtype, and the CPU (model and its bf16/AMX features): numbers of
+different CPUs are not comparable.
 """
 
 import contextlib
@@ -35,6 +42,9 @@ import json
 import math
 import os
 import re
+import statistics
+import subprocess
+import sys
 import time
 from typing import NamedTuple
 
@@ -50,6 +60,10 @@ from mixreorg_jax.training import objective, sharding
 from mixreorg_jax.training import step as train_step
 
 VARIANTS = ("groupvit", "mixreorg")
+SIDES = ("ours", "pytorch")
+DTYPES = ("float32", "bfloat16")
+# The CPU features that decide fp32 and bf16 matmul speed.
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 
 
 def define_flags():
@@ -58,7 +72,17 @@ def define_flags():
     config_flags.DEFINE_config_file("config", None, "Train config (`path.py:variant`).")
     flags.DEFINE_integer("steps", 10, "Timed steps per variant.")
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-    flags.DEFINE_enum("against", None, ["pytorch"], "Also time this reference implementation.")
+    flags.DEFINE_enum(
+        "against", None, ["pytorch"], "Compare with this implementation (module docstring)."
+    )
+    flags.DEFINE_integer("rounds", 3, "--against: rounds of fresh processes, sides alternating.")
+    flags.DEFINE_list("dtypes", list(DTYPES), "--against: the compute dtypes to compare in.")
+    flags.DEFINE_integer(
+        "threads", os.cpu_count(), "--against: cores each side runs on (and its thread count)."
+    )
+    flags.DEFINE_enum(
+        "side", None, list(SIDES), "Time one side of --against in this process (used by it)."
+    )
     flags.DEFINE_bool("memory_only", False, "Compile only; report the memory analysis.")
     flags.DEFINE_string(
         "topology",
@@ -455,15 +479,19 @@ def time_ours(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dic
     }
 
 
-def time_pytorch(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict:
-    """`transformers.GroupViTModel` train step: contrastive loss, AdamW, same sizes and threads."""
+def time_pytorch(
+    config: ml_collections.ConfigDict, steps: int, warmup: int, threads: int | None = None
+) -> dict:
+    """`transformers.GroupViTModel` train step: contrastive loss, AdamW, clipping, at the
+    config's sizes; its forward under bf16 autocast when the config computes in bf16."""
     import torch
     import transformers
 
     from mixreorg_jax.formats import huggingface
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(threads or os.cpu_count())
     torch.manual_seed(0)
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=config.model.dtype == "bfloat16")
     hf_config = transformers.GroupViTConfig(**huggingface.model_config_to_hf_config(config.model))
     model = transformers.GroupViTModel(hf_config).train()
     opt = torch.optim.AdamW(
@@ -479,7 +507,8 @@ def time_pytorch(config: ml_collections.ConfigDict, steps: int, warmup: int) -> 
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
+        with autocast:
+            loss = model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         opt.step()
@@ -496,7 +525,110 @@ def time_pytorch(config: ml_collections.ConfigDict, steps: int, warmup: int) -> 
         "step_ms": 1000 * seconds / steps,
         "loss": loss.item(),
         "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
     }
+
+
+def cpu_info() -> dict:
+    """The CPU's model name, logical CPUs and `CPU_FEATURES` (from /proc/cpuinfo on Linux)."""
+    model, features = None, set()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and model is None:
+                model = value
+            elif key == "flags":
+                features = set(value.split())
+                break
+    return {
+        "model": model or "unknown",
+        "logical_cpus": os.cpu_count(),
+        **{name: name in features for name in CPU_FEATURES},
+    }
+
+
+def time_side(config: ml_collections.ConfigDict, side: str, steps: int, warmup: int) -> dict:
+    """One side of `--against=pytorch` in this process, which is pinned to `--threads` cores
+    before its first computation; the config as HF's step computes (`variant(like_pytorch)`)."""
+    threads = flags.FLAGS.threads
+    cores = sorted(os.sched_getaffinity(0))
+    if threads > len(cores):
+        raise SystemExit(f"error: --threads={threads}, but this process may use {len(cores)} cores")
+    os.sched_setaffinity(0, cores[:threads])
+    config = variant(config, mix=False, like_pytorch=True)
+    if side == "ours":
+        result = time_ours(config, steps, warmup) | {"jax": jax.__version__}
+    else:
+        result = time_pytorch(config, steps, warmup, threads)
+    return result | {"side": side, "dtype": config.model.dtype, "threads": threads}
+
+
+def compare_with_pytorch(
+    config_flags_args: list[str], dtypes, rounds: int, threads: int, steps: int, warmup: int
+) -> dict:
+    """Runs `time_side` in fresh processes: per round and dtype ours and PyTorch's, the order
+    alternating between rounds. Returns per dtype each side's runs, median and range, and
+    ours / PyTorch (of the medians)."""
+    runs = {(dtype, side): [] for dtype in dtypes for side in SIDES}
+    for round_index in range(rounds):
+        for dtype in dtypes:
+            for side in SIDES if round_index % 2 == 0 else SIDES[::-1]:
+                command = [
+                    *(sys.executable, "-m", "mixreorg_jax.benchmark", *config_flags_args),
+                    f"--config.model.dtype={dtype}",
+                    *(f"--side={side}", f"--threads={threads}"),
+                    *(f"--steps={steps}", f"--warmup={warmup}"),
+                ]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode:
+                    raise SystemExit(
+                        f"error: the {side} {dtype} run failed:\n{done.stderr[-3000:]}"
+                    )
+                runs[dtype, side].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(
+                    f"round {round_index + 1}/{rounds} {dtype} {side}: "
+                    f"{runs[dtype, side][-1]['images_per_sec']:.2f} images/s",
+                    file=sys.stderr,
+                )
+    result = {}
+    for dtype in dtypes:
+        per_side = {}
+        for side in SIDES:
+            rates = [run["images_per_sec"] for run in runs[dtype, side]]
+            per_side[side] = {
+                "images_per_sec_median": statistics.median(rates),
+                "images_per_sec_min": min(rates),
+                "images_per_sec_max": max(rates),
+                "runs": runs[dtype, side],
+            }
+        per_side["ours_over_pytorch"] = (
+            per_side["ours"]["images_per_sec_median"] / per_side["pytorch"]["images_per_sec_median"]
+        )
+        result[dtype] = per_side
+    return result
+
+
+def comparison_table(result: dict) -> str:
+    """`compare_with_pytorch`'s medians as markdown rows, one per dtype, naming the CPU."""
+    cpu = result["cpu"]
+    features = ", ".join(name for name in CPU_FEATURES if cpu[name]) or "none of note"
+    rows = [
+        f"{cpu['model']} ({features}), {result['threads']} threads, batch "
+        f"{result['batch_size']}, {result['image_size']} px, {result['rounds']} rounds:",
+        "",
+        "| dtype | ours, images/s (median, range) | PyTorch, images/s (median, range) "
+        "| ours / PyTorch |",
+        "|---|---|---|---|",
+    ]
+    for dtype in result["dtypes"]:
+        r = result["comparison"][dtype]
+        cells = [
+            f"{r[side]['images_per_sec_median']:.2f} ({r[side]['images_per_sec_min']:.2f}-"
+            f"{r[side]['images_per_sec_max']:.2f})"
+            for side in SIDES
+        ]
+        rows.append(f"| {dtype} | {cells[0]} | {cells[1]} | {r['ours_over_pytorch']:.2f} |")
+    return "\n".join(rows)
 
 
 def variant(config: ml_collections.ConfigDict, *, mix: bool, like_pytorch: bool = False):
@@ -560,6 +692,30 @@ def main(argv):
         print()
         print(markdown_table(result))
         return
+    if fl.side:
+        emit(result | time_side(config, fl.side, fl.steps, fl.warmup), fl.output)
+        return
+    if fl.against == "pytorch":
+        if unknown := set(fl.dtypes) - set(DTYPES):
+            raise SystemExit(f"error: --dtypes: unknown {', '.join(sorted(unknown))}")
+        config_args = [f"--config={result['config']}"] + [
+            f"--config.{name}={value}"
+            for name, value in config_flags.get_override_values(fl["config"]).items()
+        ]
+        result |= {
+            "cpu": cpu_info(),
+            "threads": fl.threads,
+            "rounds": fl.rounds,
+            "dtypes": fl.dtypes,
+            "steps": fl.steps,
+            "comparison": compare_with_pytorch(
+                config_args, fl.dtypes, fl.rounds, fl.threads, fl.steps, fl.warmup
+            ),
+        }
+        emit(result, fl.output)
+        print()
+        print(comparison_table(result))
+        return
     result.update(devices=len(jax.devices()), platform=jax.devices()[0].platform)
     configs = {name: variant(config, mix=name == "mixreorg") for name in fl.variants}
     if fl.memory_only:
@@ -574,12 +730,6 @@ def main(argv):
         result["mixreorg_step_over_groupvit_step"] = (
             result["groupvit"]["images_per_sec"] / result["mixreorg"]["images_per_sec"]
         )
-    if flags.FLAGS.against == "pytorch":
-        ours = time_ours(variant(config, mix=False, like_pytorch=True), steps, warmup)
-        theirs = time_pytorch(config, steps, warmup)
-        result["groupvit_contrastive_only"] = ours
-        result["pytorch"] = theirs
-        result["ours_over_pytorch"] = ours["images_per_sec"] / theirs["images_per_sec"]
     emit(result, fl.output)
 
 

@@ -1,4 +1,5 @@
-"""The benchmark's memory report: what the forward pass saves for the backward pass."""
+"""The benchmark: its memory report (what the forward pass saves for the backward pass), TPU
+slices compiled for ahead of time, and the fair comparison with PyTorch."""
 
 import json
 import math
@@ -129,3 +130,55 @@ def test_the_tiny_step_compiled_for_a_tpu_slice_reports_consistent_numbers():
     assert json.loads(json.dumps(result)) == result  # What the command line prints.
     table = benchmark.markdown_table(result)
     assert table.count("\n") == 3 and "| mixreorg |" in table and "(fits)" in table
+
+
+# ---------------------------------------------------------------- against PyTorch
+def test_each_side_runs_in_a_fresh_process_alternating_between_rounds(monkeypatch):
+    calls = []
+
+    def fake_run(command, **kwargs):
+        side = next(a.split("=")[1] for a in command if a.startswith("--side="))
+        dtype = next(a.split("=")[1] for a in command if a.startswith("--config.model.dtype="))
+        calls.append((side, dtype))
+        rate = {"ours": 30.0, "pytorch": 10.0}[side] + len(calls)  # a different rate each run
+        line = json.dumps({"images_per_sec": rate, "side": side, "dtype": dtype})
+        return subprocess.CompletedProcess(command, 0, stdout=f"log\n{line}\n", stderr="")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", fake_run)
+    result = benchmark.compare_with_pytorch(
+        ["--config=c.py:tiny"], ["float32"], rounds=3, threads=2, steps=1, warmup=0
+    )
+    assert [side for side, _ in calls] == ["ours", "pytorch", "pytorch", "ours", "ours", "pytorch"]
+    ours, pytorch = result["float32"]["ours"], result["float32"]["pytorch"]
+    assert [r["images_per_sec"] for r in ours["runs"]] == [31.0, 34.0, 35.0]
+    assert (ours["images_per_sec_median"], ours["images_per_sec_min"]) == (34.0, 31.0)
+    assert pytorch["images_per_sec_median"] == 13.0  # of 12, 13, 16
+    assert result["float32"]["ours_over_pytorch"] == 34.0 / 13.0
+
+
+def test_cpu_info_names_the_model_and_its_matmul_features():
+    info = benchmark.cpu_info()
+    assert info["model"] and info["logical_cpus"] == os.cpu_count()
+    assert set(benchmark.CPU_FEATURES) <= set(info)
+
+
+def test_against_pytorch_from_the_command_line_passes_the_config_to_both_sides():
+    result = subprocess.run(
+        [sys.executable, "-m", "mixreorg_jax.benchmark", "--config", "configs/mixreorg.py:tiny"]
+        + ["--config.data.batch_size=8", "--against=pytorch", "--rounds=1", "--dtypes=bfloat16"]
+        + ["--steps=1", "--warmup=0", "--threads=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    report = json.loads(lines[0])
+    assert report["cpu"] == benchmark.cpu_info() and report["threads"] == 1
+    for side in benchmark.SIDES:
+        (run,) = report["comparison"]["bfloat16"][side]["runs"]
+        assert (run["side"], run["dtype"], run["threads"]) == (side, "bfloat16", 1)
+        assert run["batch_size"] == 8 and run["images_per_sec"] > 0
+    assert "| bfloat16 |" in lines[-1] and report["cpu"]["model"] in result.stdout
