@@ -49,6 +49,7 @@ import time
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -61,6 +62,11 @@ from mixreorg_jax.training import step as train_step
 
 VARIANTS = ("groupvit", "mixreorg")
 SIDES = ("ours", "pytorch")
+# What --against times: the train step, or a bare piece of it at the model's first-stage shapes
+# (`time_piece`): the MLP's first matmul [B*N, C] x [C, 4C] forward, one transformer block
+# forward and backward over [B, N + G, C] (image and group tokens), one grouping block forward
+# and backward ([B, N, C] tokens, [B, G, C] group tokens).
+PIECES = ("step", "matmul", "block", "grouping")
 DTYPES = ("float32", "bfloat16")
 # The CPU features that decide fp32 and bf16 matmul speed.
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
@@ -82,6 +88,9 @@ def define_flags():
     )
     flags.DEFINE_enum(
         "side", None, list(SIDES), "Time one side of --against in this process (used by it)."
+    )
+    flags.DEFINE_list(
+        "pieces", ["step"], f"--against: what to compare, of {', '.join(PIECES)} (PIECES)."
     )
     flags.DEFINE_bool("memory_only", False, "Compile only; report the memory analysis.")
     flags.DEFINE_string(
@@ -547,7 +556,9 @@ def cpu_info() -> dict:
     }
 
 
-def time_side(config: ml_collections.ConfigDict, side: str, steps: int, warmup: int) -> dict:
+def time_side(
+    config: ml_collections.ConfigDict, side: str, piece: str, steps: int, warmup: int
+) -> dict:
     """One side of `--against=pytorch` in this process, which is pinned to `--threads` cores
     before its first computation; the config as HF's step computes (`variant(like_pytorch)`)."""
     threads = flags.FLAGS.threads
@@ -556,15 +567,118 @@ def time_side(config: ml_collections.ConfigDict, side: str, steps: int, warmup: 
         raise SystemExit(f"error: --threads={threads}, but this process may use {len(cores)} cores")
     os.sched_setaffinity(0, cores[:threads])
     config = variant(config, mix=False, like_pytorch=True)
-    if side == "ours":
-        result = time_ours(config, steps, warmup) | {"jax": jax.__version__}
+    if piece != "step":
+        result = time_piece(config, side, piece, steps, warmup, threads)
+    elif side == "ours":
+        result = time_ours(config, steps, warmup)
     else:
         result = time_pytorch(config, steps, warmup, threads)
-    return result | {"side": side, "dtype": config.model.dtype, "threads": threads}
+    versions = {"jax": jax.__version__} if side == "ours" else {}
+    described = {"side": side, "piece": piece, "dtype": config.model.dtype, "threads": threads}
+    return result | versions | described
+
+
+def time_piece(
+    config: ml_collections.ConfigDict, side: str, piece: str, steps: int, warmup: int, threads
+) -> dict:
+    """Times one of `PIECES` (not the step) on `side`: ours jitted, PyTorch's eager (HF's
+    `GroupViTEncoderLayer` and `GroupViTTokenAssign`, bf16 under autocast), at the model's
+    first-stage shapes, with the config's batch and compute dtype."""
+    m, batch = config.model, config.data.batch_size
+    n, g, c = (m.image_size // m.patch_size) ** 2, m.num_group_tokens[0], m.width
+    rng = np.random.default_rng(0)
+    shapes = {
+        "matmul": [(batch * n, c), (c, round(m.mlp_ratio * c))],
+        "block": [(batch, n + g, c)],
+        "grouping": [(batch, n, c), (batch, g, c)],
+    }[piece]
+    inputs = [rng.standard_normal(shape, dtype=np.float32) for shape in shapes]
+    if side == "ours":
+        call, sync = _our_piece(m, piece, inputs), jax.block_until_ready
+    else:
+        call, sync = _pytorch_piece(m, piece, inputs, threads), lambda out: out  # eager
+    t0 = time.perf_counter()
+    sync(call())
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        sync(call())
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = call()
+    sync(out)
+    seconds = (time.perf_counter() - t0) / steps
+    return {"images_per_sec": batch / seconds, "call_ms": 1000 * seconds, "first_call_s": first_s}
+
+
+def _our_piece(m: ml_collections.ConfigDict, piece: str, inputs: list[np.ndarray]):
+    """A jitted call of our piece (`time_piece`); blocks: the gradient of their outputs' sum
+    with respect to parameters and inputs."""
+    dtype = jnp.dtype(m.dtype)
+    if piece == "matmul":
+        x, w = (jnp.asarray(a, dtype) for a in inputs)
+        matmul = jax.jit(jnp.matmul)
+        return lambda: matmul(x, w)
+    args = [jnp.asarray(a) for a in inputs]
+    if piece == "block":
+        hidden = round(m.mlp_ratio * m.width)
+        module = groupvit.Block(m.num_heads, hidden, groupvit.exact_gelu, m.layer_norm_eps, dtype)
+        params = module.init(jax.random.key(0), *args)
+        apply = module.apply
+    else:
+        module = groupvit.GroupingBlock(m, m.num_output_groups[0])
+        rngs = {"params": jax.random.key(0), "gumbel": jax.random.key(1)}
+        params = module.init(rngs, *args, True)
+        apply = lambda p, *a: module.apply(p, *a, True, rngs={"gumbel": jax.random.key(1)})[0]
+    loss = lambda p, *a: jnp.sum(apply(p, *a).astype(jnp.float32))
+    grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(args) + 1))))
+    return lambda: grad(params, *args)
+
+
+def _pytorch_piece(m: ml_collections.ConfigDict, piece: str, inputs: list[np.ndarray], threads):
+    """HF's piece as one call (`time_piece`): forward (under bf16 autocast for bf16), and for
+    blocks the backward of the output's sum."""
+    import torch
+    import transformers
+    from transformers.models.groupvit import modeling_groupvit
+
+    from mixreorg_jax.formats import huggingface
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    bf16 = m.dtype == "bfloat16"
+    if piece == "matmul":
+        x, w = (torch.from_numpy(a).to(torch.bfloat16 if bf16 else torch.float32) for a in inputs)
+        return lambda: torch.matmul(x, w)
+    hf_config = transformers.GroupViTConfig(**huggingface.model_config_to_hf_config(m))
+    vision = hf_config.vision_config
+    if piece == "block":
+        layer = modeling_groupvit.GroupViTEncoderLayer(vision)
+        forward = lambda x: layer(x, None)
+    else:
+        g = m.num_group_tokens[0]
+        layer = modeling_groupvit.GroupViTTokenAssign(vision, g, m.num_output_groups[0])
+        forward = lambda x, groups: layer(x, groups)[0]
+    layer.train()
+    args = [torch.from_numpy(a).requires_grad_() for a in inputs]
+
+    def call():
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            out = forward(*args)
+        out.float().sum().backward()
+        return out
+
+    return call
 
 
 def compare_with_pytorch(
-    config_flags_args: list[str], dtypes, rounds: int, threads: int, steps: int, warmup: int
+    config_flags_args: list[str],
+    dtypes,
+    rounds: int,
+    threads: int,
+    steps: int,
+    warmup: int,
+    piece: str = "step",
 ) -> dict:
     """Runs `time_side` in fresh processes: per round and dtype ours and PyTorch's, the order
     alternating between rounds. Returns per dtype each side's runs, median and range, and
@@ -576,17 +690,17 @@ def compare_with_pytorch(
                 command = [
                     *(sys.executable, "-m", "mixreorg_jax.benchmark", *config_flags_args),
                     f"--config.model.dtype={dtype}",
-                    *(f"--side={side}", f"--threads={threads}"),
+                    *(f"--side={side}", f"--pieces={piece}", f"--threads={threads}"),
                     *(f"--steps={steps}", f"--warmup={warmup}"),
                 ]
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode:
                     raise SystemExit(
-                        f"error: the {side} {dtype} run failed:\n{done.stderr[-3000:]}"
+                        f"error: the {side} {piece} {dtype} run failed:\n{done.stderr[-3000:]}"
                     )
                 runs[dtype, side].append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(
-                    f"round {round_index + 1}/{rounds} {dtype} {side}: "
+                    f"round {round_index + 1}/{rounds} {piece} {dtype} {side}: "
                     f"{runs[dtype, side][-1]['images_per_sec']:.2f} images/s",
                     file=sys.stderr,
                 )
@@ -609,25 +723,28 @@ def compare_with_pytorch(
 
 
 def comparison_table(result: dict) -> str:
-    """`compare_with_pytorch`'s medians as markdown rows, one per dtype, naming the CPU."""
+    """`compare_with_pytorch`'s medians as markdown rows, one per piece and dtype, naming the
+    CPU."""
     cpu = result["cpu"]
     features = ", ".join(name for name in CPU_FEATURES if cpu[name]) or "none of note"
     rows = [
         f"{cpu['model']} ({features}), {result['threads']} threads, batch "
         f"{result['batch_size']}, {result['image_size']} px, {result['rounds']} rounds:",
         "",
-        "| dtype | ours, images/s (median, range) | PyTorch, images/s (median, range) "
+        "| what | dtype | ours, images/s (median, range) | PyTorch, images/s (median, range) "
         "| ours / PyTorch |",
-        "|---|---|---|---|",
+        "|---|---|---|---|---|",
     ]
-    for dtype in result["dtypes"]:
-        r = result["comparison"][dtype]
-        cells = [
-            f"{r[side]['images_per_sec_median']:.2f} ({r[side]['images_per_sec_min']:.2f}-"
-            f"{r[side]['images_per_sec_max']:.2f})"
-            for side in SIDES
-        ]
-        rows.append(f"| {dtype} | {cells[0]} | {cells[1]} | {r['ours_over_pytorch']:.2f} |")
+    for piece, per_dtype in result["comparison"].items():
+        for dtype, r in per_dtype.items():
+            cells = [
+                f"{r[side]['images_per_sec_median']:.2f} ({r[side]['images_per_sec_min']:.2f}-"
+                f"{r[side]['images_per_sec_max']:.2f})"
+                for side in SIDES
+            ]
+            rows.append(
+                f"| {piece} | {dtype} | {cells[0]} | {cells[1]} | {r['ours_over_pytorch']:.2f} |"
+            )
     return "\n".join(rows)
 
 
@@ -693,11 +810,14 @@ def main(argv):
         print(markdown_table(result))
         return
     if fl.side:
-        emit(result | time_side(config, fl.side, fl.steps, fl.warmup), fl.output)
+        (piece,) = fl.pieces
+        emit(result | time_side(config, fl.side, piece, fl.steps, fl.warmup), fl.output)
         return
     if fl.against == "pytorch":
         if unknown := set(fl.dtypes) - set(DTYPES):
             raise SystemExit(f"error: --dtypes: unknown {', '.join(sorted(unknown))}")
+        if unknown := set(fl.pieces) - set(PIECES):
+            raise SystemExit(f"error: --pieces: unknown {', '.join(sorted(unknown))}")
         config_args = [f"--config={result['config']}"] + [
             f"--config.{name}={value}"
             for name, value in config_flags.get_override_values(fl["config"]).items()
@@ -708,9 +828,12 @@ def main(argv):
             "rounds": fl.rounds,
             "dtypes": fl.dtypes,
             "steps": fl.steps,
-            "comparison": compare_with_pytorch(
-                config_args, fl.dtypes, fl.rounds, fl.threads, fl.steps, fl.warmup
-            ),
+            "comparison": {
+                piece: compare_with_pytorch(
+                    config_args, fl.dtypes, fl.rounds, fl.threads, fl.steps, fl.warmup, piece
+                )
+                for piece in fl.pieces
+            },
         }
         emit(result, fl.output)
         print()

@@ -156,6 +156,24 @@ def test_each_side_runs_in_a_fresh_process_alternating_between_rounds(monkeypatc
     assert result["float32"]["ours_over_pytorch"] == 34.0 / 13.0
 
 
+@pytest.mark.parametrize("piece", ["matmul", "block", "grouping"])
+def test_pieces_time_the_same_computation_on_both_sides(piece):
+    """Each piece runs on both sides at the tiny model's shapes, in both dtypes."""
+    import torch
+
+    config = train_config.from_file(f"{REPO}/configs/mixreorg.py:tiny")
+    config.data.batch_size = 2
+    threads = torch.get_num_threads()
+    try:
+        for dtype in benchmark.DTYPES:
+            config.model.dtype = dtype
+            for side in benchmark.SIDES:
+                timed = benchmark.time_piece(config, side, piece, steps=1, warmup=0, threads=1)
+                assert timed["images_per_sec"] > 0 and timed["call_ms"] > 0, (side, dtype)
+    finally:
+        torch.set_num_threads(threads)  # this worker's other tests
+
+
 def test_cpu_info_names_the_model_and_its_matmul_features():
     info = benchmark.cpu_info()
     assert info["model"] and info["logical_cpus"] == os.cpu_count()
@@ -166,7 +184,7 @@ def test_against_pytorch_from_the_command_line_passes_the_config_to_both_sides()
     result = subprocess.run(
         [sys.executable, "-m", "mixreorg_jax.benchmark", "--config", "configs/mixreorg.py:tiny"]
         + ["--config.data.batch_size=8", "--against=pytorch", "--rounds=1", "--dtypes=bfloat16"]
-        + ["--steps=1", "--warmup=0", "--threads=1"],
+        + ["--steps=1", "--warmup=0", "--threads=1", "--pieces=step,block"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -177,8 +195,10 @@ def test_against_pytorch_from_the_command_line_passes_the_config_to_both_sides()
     lines = result.stdout.strip().splitlines()
     report = json.loads(lines[0])
     assert report["cpu"] == benchmark.cpu_info() and report["threads"] == 1
-    for side in benchmark.SIDES:
-        (run,) = report["comparison"]["bfloat16"][side]["runs"]
-        assert (run["side"], run["dtype"], run["threads"]) == (side, "bfloat16", 1)
-        assert run["batch_size"] == 8 and run["images_per_sec"] > 0
-    assert "| bfloat16 |" in lines[-1] and report["cpu"]["model"] in result.stdout
+    for piece in ("step", "block"):
+        for side in benchmark.SIDES:
+            (run,) = report["comparison"][piece]["bfloat16"][side]["runs"]
+            assert (run["side"], run["piece"], run["dtype"]) == (side, piece, "bfloat16")
+            assert run["threads"] == 1 and run["batch_size"] == 8 and run["images_per_sec"] > 0
+    assert lines[-2].startswith("| step | bfloat16 |") and lines[-1].startswith("| block |")
+    assert report["cpu"]["model"] in result.stdout

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mixreorg_jax.ops import resize
+from mixreorg_jax.ops import mixed_precision, resize
 
 _kernel_init = nn.initializers.truncated_normal(0.02)
 WEIGHT_INITS = ("groupvit", "lecun_normal")
@@ -135,7 +135,11 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         dense = lambda features, name: nn.Dense(
-            features, dtype=self.dtype, kernel_init=self.kernel_init, name=name
+            features,
+            dtype=self.dtype,
+            kernel_init=self.kernel_init,
+            dot_general=mixed_precision.dot_general,
+            name=name,
         )
         return dense(self.out, "fc2")(self.activation(dense(self.hidden, "fc1")(x)))
 
@@ -171,7 +175,11 @@ class Attention(nn.Module):
         width = x.shape[-1]
         head_dim = width // self.num_heads
         dense = lambda name: nn.Dense(
-            width, dtype=self.dtype, kernel_init=self.kernel_init, name=name
+            width,
+            dtype=self.dtype,
+            kernel_init=self.kernel_init,
+            dot_general=mixed_precision.dot_general,
+            name=name,
         )
         split = lambda y: y.reshape(y.shape[:2] + (self.num_heads, head_dim))
         q, k, v = (
@@ -263,7 +271,11 @@ class AssignAttention(nn.Module):
         """
         width = groups.shape[-1]
         dense = lambda name: nn.Dense(
-            width, dtype=self.dtype, kernel_init=self.kernel_init, name=name
+            width,
+            dtype=self.dtype,
+            kernel_init=self.kernel_init,
+            dot_general=mixed_precision.dot_general,
+            name=name,
         )
         q, k, v = dense("query")(groups), dense("key")(tokens), dense("value")(tokens)
         logits = (
@@ -407,7 +419,8 @@ class PatchEmbedding(nn.Module):
         h, w = height // p, width // p
         patches = images.reshape(batch, h, p, w, p, channels).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(batch, h, w, p * p * channels).astype(self.dtype)
-        out = patches @ kernel.reshape(-1, self.features).astype(self.dtype)
+        kernel = kernel.reshape(-1, self.features).astype(self.dtype)
+        out = mixed_precision.dot_general(patches, kernel, (((3,), (0,)), ((), ())))
         return out + bias.astype(self.dtype)
 
 
@@ -621,9 +634,19 @@ class Projector(nn.Module):
     kernel_init: Callable = _kernel_init
 
     def setup(self):
-        self.fc1 = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=self.kernel_init)
+        self.fc1 = nn.Dense(
+            self.hidden,
+            dtype=self.dtype,
+            kernel_init=self.kernel_init,
+            dot_general=mixed_precision.dot_general,
+        )
         self.bn = BatchNorm(dtype=self.dtype)
-        self.fc2 = nn.Dense(self.out, dtype=self.dtype, kernel_init=self.kernel_init)
+        self.fc2 = nn.Dense(
+            self.out,
+            dtype=self.dtype,
+            kernel_init=self.kernel_init,
+            dot_general=mixed_precision.dot_general,
+        )
 
     def __call__(
         self,

@@ -1,0 +1,83 @@
+"""ops/mixed_precision.py: bfloat16 dense products accumulated in float32, forward and backward."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixreorg_jax.ops import mixed_precision
+
+DENSE = (((2,), (0,)), ((), ()))  # [B, T, K] x [K, N], as flax.linen.Dense contracts
+
+
+def operands(dtype):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 5, 48)), dtype)
+    w = jnp.asarray(rng.standard_normal((48, 24)) / 7, dtype)
+    return x, w
+
+
+def reference(x, w):
+    """The product in float32 of the bfloat16 operands, rounded to bfloat16 at the end."""
+    return (x.astype(jnp.float32) @ w.astype(jnp.float32)).astype(x.dtype)
+
+
+def test_bfloat16_forward_is_the_float32_accumulated_product_rounded_once():
+    x, w = operands(jnp.bfloat16)
+    out = mixed_precision.dot_general(x, w, DENSE)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.float32(out), np.float32(reference(x, w)))
+
+
+def test_bfloat16_gradients_are_the_float32_ones_within_bfloat16_rounding():
+    x, w = operands(jnp.bfloat16)
+    probe = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5, 24)), jnp.float32)
+
+    def loss(dot, x, w):
+        return jnp.sum(dot(x, w).astype(jnp.float32) * probe)
+
+    ours = jax.grad(
+        lambda x, w: loss(lambda a, b: mixed_precision.dot_general(a, b, DENSE), x, w),
+        argnums=(0, 1),
+    )(x, w)
+    exact = jax.grad(lambda x, w: loss(lambda a, b: a @ b, x, w), argnums=(0, 1))(
+        x.astype(jnp.float32), w.astype(jnp.float32)
+    )
+    for got, want in zip(ours, exact):
+        assert got.dtype == jnp.bfloat16
+        # The cotangent is rounded to bfloat16 first, as autocast does: relative error ~2^-8.
+        np.testing.assert_allclose(np.float32(got), want, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("dims", [DENSE, (((1,), (1,)), ((0,), (0,)))])
+def test_other_dtypes_and_dimension_numbers_are_lax_dot_general(dims):
+    x, w = operands(jnp.float32)
+    if dims != DENSE:
+        w = jnp.ones((2, 5, 7), jnp.float32)
+    np.testing.assert_array_equal(
+        mixed_precision.dot_general(x, w, dims), jax.lax.dot_general(x, w, dims)
+    )
+
+
+def test_every_matmul_of_a_bfloat16_dense_layers_step_takes_bfloat16_and_gives_float32():
+    """Forward and both backward products: what XLA:CPU runs as a native bfloat16 dot."""
+    layer = nn.Dense(24, dtype=jnp.bfloat16, dot_general=mixed_precision.dot_general)
+    x, _ = operands(jnp.float32)
+    params = layer.init(jax.random.key(0), x)
+
+    def step(params, x):
+        out, pullback = jax.vjp(layer.apply, params, x)
+        return out, pullback(jnp.ones_like(out))
+
+    text = jax.jit(step).lower(params, x).as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert len(dots) == 3, dots
+    for line in dots:
+        assert re.search(
+            r": \(tensor<[0-9x]+xbf16>, tensor<[0-9x]+xbf16>\) -> tensor<[0-9x]+xf32>", line
+        )
+    _, (grads, _) = jax.jit(step)(params, x)
+    assert grads["params"]["kernel"].dtype == jnp.float32  # the float32 master weights
