@@ -57,16 +57,18 @@ from ml_collections import config_flags
 
 from mixreorg_jax import cli, trainer
 from mixreorg_jax.models import groupvit
+from mixreorg_jax.ops import mixed_precision
 from mixreorg_jax.training import objective, sharding
 from mixreorg_jax.training import step as train_step
 
 VARIANTS = ("groupvit", "mixreorg")
 SIDES = ("ours", "pytorch")
 # What --against times: the train step, or a bare piece of it at the model's first-stage shapes
-# (`time_piece`): the MLP's first matmul [B*N, C] x [C, 4C] forward, one transformer block
-# forward and backward over [B, N + G, C] (image and group tokens), one grouping block forward
-# and backward ([B, N, C] tokens, [B, G, C] group tokens).
-PIECES = ("step", "matmul", "block", "grouping")
+# (`time_piece`): the MLP's first matmul [B*N, C] x [C, 4C] forward (ours as our dense layers
+# multiply, `ops/mixed_precision.py`), one transformer block forward and backward over
+# [B, N + G, C] (image and group tokens), its multi-head attention alone (projections
+# included), one grouping block forward and backward ([B, N, C] tokens, [B, G, C] group tokens).
+PIECES = ("step", "matmul", "block", "attention", "grouping")
 DTYPES = ("float32", "bfloat16")
 # The CPU features that decide fp32 and bf16 matmul speed.
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
@@ -582,7 +584,8 @@ def time_piece(
     config: ml_collections.ConfigDict, side: str, piece: str, steps: int, warmup: int, threads
 ) -> dict:
     """Times one of `PIECES` (not the step) on `side`: ours jitted, PyTorch's eager (HF's
-    `GroupViTEncoderLayer` and `GroupViTTokenAssign`, bf16 under autocast), at the model's
+    `GroupViTEncoderLayer`, `GroupViTAttention` and `GroupViTTokenAssign`, bf16 under
+    autocast), at the model's
     first-stage shapes, with the config's batch and compute dtype."""
     m, batch = config.model, config.data.batch_size
     n, g, c = (m.image_size // m.patch_size) ** 2, m.num_group_tokens[0], m.width
@@ -590,6 +593,7 @@ def time_piece(
     shapes = {
         "matmul": [(batch * n, c), (c, round(m.mlp_ratio * c))],
         "block": [(batch, n + g, c)],
+        "attention": [(batch, n + g, c)],
         "grouping": [(batch, n, c), (batch, g, c)],
     }[piece]
     inputs = [rng.standard_normal(shape, dtype=np.float32) for shape in shapes]
@@ -614,14 +618,19 @@ def _our_piece(m: ml_collections.ConfigDict, piece: str, inputs: list[np.ndarray
     """A jitted call of our piece (`time_piece`); blocks: the gradient of their outputs' sum
     with respect to parameters and inputs."""
     dtype = jnp.dtype(m.dtype)
-    if piece == "matmul":
+    if piece == "matmul":  # as our dense layers multiply
         x, w = (jnp.asarray(a, dtype) for a in inputs)
-        matmul = jax.jit(jnp.matmul)
+        dims = (((1,), (0,)), ((), ()))
+        matmul = jax.jit(lambda x, w: mixed_precision.dot_general(x, w, dims))
         return lambda: matmul(x, w)
     args = [jnp.asarray(a) for a in inputs]
     if piece == "block":
         hidden = round(m.mlp_ratio * m.width)
         module = groupvit.Block(m.num_heads, hidden, groupvit.exact_gelu, m.layer_norm_eps, dtype)
+        params = module.init(jax.random.key(0), *args)
+        apply = module.apply
+    elif piece == "attention":
+        module = groupvit.Attention(m.num_heads, dtype)
         params = module.init(jax.random.key(0), *args)
         apply = module.apply
     else:
@@ -654,6 +663,9 @@ def _pytorch_piece(m: ml_collections.ConfigDict, piece: str, inputs: list[np.nda
     if piece == "block":
         layer = modeling_groupvit.GroupViTEncoderLayer(vision)
         forward = lambda x: layer(x, None)
+    elif piece == "attention":
+        layer = modeling_groupvit.GroupViTAttention(vision)
+        forward = lambda x: layer(x)[0]
     else:
         g = m.num_group_tokens[0]
         layer = modeling_groupvit.GroupViTTokenAssign(vision, g, m.num_output_groups[0])

@@ -156,7 +156,7 @@ def test_each_side_runs_in_a_fresh_process_alternating_between_rounds(monkeypatc
     assert result["float32"]["ours_over_pytorch"] == 34.0 / 13.0
 
 
-@pytest.mark.parametrize("piece", ["matmul", "block", "grouping"])
+@pytest.mark.parametrize("piece", ["matmul", "block", "attention", "grouping"])
 def test_pieces_time_the_same_computation_on_both_sides(piece):
     """Each piece runs on both sides at the tiny model's shapes, in both dtypes."""
     import torch
@@ -184,7 +184,7 @@ def test_against_pytorch_from_the_command_line_passes_the_config_to_both_sides()
     result = subprocess.run(
         [sys.executable, "-m", "mixreorg_jax.benchmark", "--config", "configs/mixreorg.py:tiny"]
         + ["--config.data.batch_size=8", "--against=pytorch", "--rounds=1", "--dtypes=bfloat16"]
-        + ["--steps=1", "--warmup=0", "--threads=1", "--pieces=step,block"],
+        + ["--steps=1", "--warmup=0", "--threads=1", "--pieces=matmul"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -195,10 +195,10 @@ def test_against_pytorch_from_the_command_line_passes_the_config_to_both_sides()
     lines = result.stdout.strip().splitlines()
     report = json.loads(lines[0])
     assert report["cpu"] == benchmark.cpu_info() and report["threads"] == 1
-    for piece in ("step", "block"):
+    for piece in ("matmul",):
         for side in benchmark.SIDES:
             (run,) = report["comparison"][piece]["bfloat16"][side]["runs"]
             assert (run["side"], run["piece"], run["dtype"]) == (side, piece, "bfloat16")
             assert run["threads"] == 1 and run["batch_size"] == 8 and run["images_per_sec"] > 0
-    assert lines[-2].startswith("| step | bfloat16 |") and lines[-1].startswith("| block |")
+    assert lines[-1].startswith("| matmul | bfloat16 |")
     assert report["cpu"]["model"] in result.stdout
