@@ -56,6 +56,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mixreorg_jax import cli, trainer
+from mixreorg_jax.experiments import step_profile
 from mixreorg_jax.models import groupvit
 from mixreorg_jax.ops import mixed_precision
 from mixreorg_jax.training import objective, sharding
@@ -93,6 +94,13 @@ def define_flags():
     )
     flags.DEFINE_list(
         "pieces", ["step"], f"--against: what to compare, of {', '.join(PIECES)} (PIECES)."
+    )
+    flags.DEFINE_bool(
+        "profile",
+        False,
+        "--against (the step): also profile each side's step once more and sum its time by "
+        "kind (matmul, softmax, GELU, LayerNorm, grouping, optimiser, copies; "
+        "experiments/step_profile.py).",
     )
     flags.DEFINE_bool("memory_only", False, "Compile only; report the memory analysis.")
     flags.DEFINE_string(
@@ -466,11 +474,16 @@ def markdown_table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def time_ours(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict:
+def time_ours(
+    config: ml_collections.ConfigDict, steps: int, warmup: int, profile: bool = False
+) -> dict:
+    """Our step's throughput; `profile`: then also its milliseconds by kind over `steps` more
+    steps (`step_profile.our_profile`)."""
     update, init, _, shardings, batch, mesh = build_step(config)
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
         t0 = time.perf_counter()
+        update = update.lower(state, batch).compile()
         state, metrics = update(state, batch)
         jax.block_until_ready(metrics)
         compile_s = time.perf_counter() - t0
@@ -482,19 +495,34 @@ def time_ours(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dic
             state, metrics = update(state, batch)
         jax.block_until_ready((state, metrics))
         seconds = time.perf_counter() - t0
-    return {
-        "images_per_sec": steps * config.data.batch_size / seconds,
-        "step_ms": 1000 * seconds / steps,
-        "compile_s": compile_s,
-        "loss": float(metrics["total"]),
-    }
+        result = {
+            "images_per_sec": steps * config.data.batch_size / seconds,
+            "step_ms": 1000 * seconds / steps,
+            "compile_s": compile_s,
+            "loss": float(metrics["total"]),
+        }
+        if profile:
+            holder = [state]
+
+            def run():
+                holder[0], out = update(holder[0], batch)
+                jax.block_until_ready(out)
+
+            result["profile_ms"] = step_profile.our_profile(run, steps, update.as_text())
+    return result
 
 
 def time_pytorch(
-    config: ml_collections.ConfigDict, steps: int, warmup: int, threads: int | None = None
+    config: ml_collections.ConfigDict,
+    steps: int,
+    warmup: int,
+    threads: int | None = None,
+    profile: bool = False,
 ) -> dict:
     """`transformers.GroupViTModel` train step: contrastive loss, AdamW, clipping, at the
-    config's sizes; its forward under bf16 autocast when the config computes in bf16."""
+    config's sizes; its forward under bf16 autocast when the config computes in bf16.
+    `profile`: then also its milliseconds by kind over `steps` more steps
+    (`step_profile.torch_profile`)."""
     import torch
     import transformers
 
@@ -521,8 +549,9 @@ def time_pytorch(
         with autocast:
             loss = model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        opt.step()
+        with torch.profiler.record_function(step_profile.OPTIMISER_RANGES[0]):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            opt.step()
         return loss
 
     for _ in range(warmup + 1):
@@ -531,13 +560,16 @@ def time_pytorch(
     for _ in range(steps):
         loss = step()
     seconds = time.perf_counter() - t0
-    return {
+    result = {
         "images_per_sec": steps * config.data.batch_size / seconds,
         "step_ms": 1000 * seconds / steps,
         "loss": loss.item(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+    if profile:
+        result["profile_ms"] = step_profile.torch_profile(step, steps)
+    return result
 
 
 def cpu_info() -> dict:
@@ -559,10 +591,16 @@ def cpu_info() -> dict:
 
 
 def time_side(
-    config: ml_collections.ConfigDict, side: str, piece: str, steps: int, warmup: int
+    config: ml_collections.ConfigDict,
+    side: str,
+    piece: str,
+    steps: int,
+    warmup: int,
+    profile: bool = False,
 ) -> dict:
     """One side of `--against=pytorch` in this process, which is pinned to `--threads` cores
-    before its first computation; the config as HF's step computes (`variant(like_pytorch)`)."""
+    before its first computation; the config as HF's step computes (`variant(like_pytorch)`).
+    `profile` (the step only): also the step's milliseconds by kind."""
     threads = flags.FLAGS.threads
     cores = sorted(os.sched_getaffinity(0))
     if threads > len(cores):
@@ -572,9 +610,9 @@ def time_side(
     if piece != "step":
         result = time_piece(config, side, piece, steps, warmup, threads)
     elif side == "ours":
-        result = time_ours(config, steps, warmup)
+        result = time_ours(config, steps, warmup, profile)
     else:
-        result = time_pytorch(config, steps, warmup, threads)
+        result = time_pytorch(config, steps, warmup, threads, profile)
     versions = {"jax": jax.__version__} if side == "ours" else {}
     described = {"side": side, "piece": piece, "dtype": config.model.dtype, "threads": threads}
     return result | versions | described
@@ -691,26 +729,32 @@ def compare_with_pytorch(
     steps: int,
     warmup: int,
     piece: str = "step",
+    profile: bool = False,
 ) -> dict:
     """Runs `time_side` in fresh processes: per round and dtype ours and PyTorch's, the order
     alternating between rounds. Returns per dtype each side's runs, median and range, and
-    ours / PyTorch (of the medians)."""
+    ours / PyTorch (of the medians); `profile`: and each side's step by kind (`profile_ms`),
+    from one more process per side."""
+
+    def run_side(side: str, dtype: str, *extra: str) -> dict:
+        command = [
+            *(sys.executable, "-m", "mixreorg_jax.benchmark", *config_flags_args),
+            f"--config.model.dtype={dtype}",
+            *(f"--side={side}", f"--pieces={piece}", f"--threads={threads}"),
+            *(f"--steps={steps}", f"--warmup={warmup}", *extra),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(
+                f"error: the {side} {piece} {dtype} run failed:\n{done.stderr[-3000:]}"
+            )
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     runs = {(dtype, side): [] for dtype in dtypes for side in SIDES}
     for round_index in range(rounds):
         for dtype in dtypes:
             for side in SIDES if round_index % 2 == 0 else SIDES[::-1]:
-                command = [
-                    *(sys.executable, "-m", "mixreorg_jax.benchmark", *config_flags_args),
-                    f"--config.model.dtype={dtype}",
-                    *(f"--side={side}", f"--pieces={piece}", f"--threads={threads}"),
-                    *(f"--steps={steps}", f"--warmup={warmup}"),
-                ]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode:
-                    raise SystemExit(
-                        f"error: the {side} {piece} {dtype} run failed:\n{done.stderr[-3000:]}"
-                    )
-                runs[dtype, side].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                runs[dtype, side].append(run_side(side, dtype))
                 print(
                     f"round {round_index + 1}/{rounds} {piece} {dtype} {side}: "
                     f"{runs[dtype, side][-1]['images_per_sec']:.2f} images/s",
@@ -730,6 +774,10 @@ def compare_with_pytorch(
         per_side["ours_over_pytorch"] = (
             per_side["ours"]["images_per_sec_median"] / per_side["pytorch"]["images_per_sec_median"]
         )
+        if profile:
+            per_side["profile_ms"] = {
+                side: run_side(side, dtype, "--profile")["profile_ms"] for side in SIDES
+            }
         result[dtype] = per_side
     return result
 
@@ -757,6 +805,11 @@ def comparison_table(result: dict) -> str:
             rows.append(
                 f"| {piece} | {dtype} | {cells[0]} | {cells[1]} | {r['ours_over_pytorch']:.2f} |"
             )
+    for dtype, r in result["comparison"].get("step", {}).items():
+        if "profile_ms" in r:
+            profile = r["profile_ms"]
+            rows += ["", f"The step in {dtype} by kind (one more run of each side):", ""]
+            rows.append(step_profile.profile_table(profile["ours"], profile["pytorch"]))
     return "\n".join(rows)
 
 
@@ -823,7 +876,8 @@ def main(argv):
         return
     if fl.side:
         (piece,) = fl.pieces
-        emit(result | time_side(config, fl.side, piece, fl.steps, fl.warmup), fl.output)
+        timed = time_side(config, fl.side, piece, fl.steps, fl.warmup, fl.profile)
+        emit(result | timed, fl.output)
         return
     if fl.against == "pytorch":
         if unknown := set(fl.dtypes) - set(DTYPES):
@@ -842,7 +896,9 @@ def main(argv):
             "steps": fl.steps,
             "comparison": {
                 piece: compare_with_pytorch(
-                    config_args, fl.dtypes, fl.rounds, fl.threads, fl.steps, fl.warmup, piece
+                    *(config_args, fl.dtypes, fl.rounds, fl.threads, fl.steps, fl.warmup),
+                    piece,
+                    fl.profile and piece == "step",
                 )
                 for piece in fl.pieces
             },

@@ -1,0 +1,121 @@
+"""The step profile by kind (experiments/step_profile.py): the HLO is read right, each kind is
+told by what computes it, and both sides' profiles of a real step name every kind they ran."""
+
+import json
+import pathlib
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mixreorg_jax import benchmark
+from mixreorg_jax.experiments import step_profile
+from mixreorg_jax.training import config as train_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(dtype="float32"):
+    config = train_config.from_file(f"{REPO}/configs/mixreorg.py:tiny")
+    config.data.batch_size = 8
+    config.model.dtype = dtype
+    return benchmark.variant(config, mix=False, like_pytorch=True)
+
+
+def test_hlo_instructions_carry_op_names_and_the_opcodes_fused_inside():
+    f = jax.jit(lambda x, w: jax.nn.relu(x @ w).sum() + jnp.sum(x.T * 2.0))
+    x = jnp.ones((8, 16))
+    text = f.lower(x, jnp.ones((16, 4))).compile().as_text()
+    instructions = step_profile.hlo_instructions(text)
+    assert any("dot" in codes for _, codes in instructions.values())
+    assert any(op.endswith("dot_general") for op, _ in instructions.values())
+    fusions = [codes for name, (_, codes) in instructions.items() if "fusion" in name]
+    assert fusions and all(len(codes) > 1 for codes in fusions)  # the body's opcodes too
+
+
+@pytest.mark.parametrize(
+    "op_name, opcodes, kind",
+    [
+        ("jit(update_fn)/mul", {"multiply"}, "optimiser"),
+        ("jit(f)/jvp(GroupViT)/blocks_0/mlp/fc1/dot_general", {"fusion", "dot"}, "matmul"),
+        ("jit(f)/jvp(GroupViT)/blocks_0/attn/reduce_max", {"fusion", "dot", "reduce"}, "matmul"),
+        ("jit(f)/jvp(GroupViT)/blocks_0/mlp/erf", {"fusion", "erf", "multiply"}, "gelu"),
+        ("jit(f)/transpose(jvp(GroupViT))/blocks_0/mlp/mul", {"multiply"}, "gelu"),
+        ("jit(f)/jvp(GroupViT)/blocks_0/mlp/fc1/add", {"add"}, "other"),  # the bias
+        ("jit(f)/jvp(GroupViT)/blocks_0/norm1/mul", {"multiply"}, "layernorm"),
+        ("jit(f)/jvp(GroupViT)/grouping/norm_post_tokens/reduce_sum", {"reduce"}, "layernorm"),
+        ("jit(f)/jvp(GroupViT)/projector/bn/mul", {"multiply"}, "other"),
+        ("jit(f)/jvp(GroupViT)/blocks_0/attn/div", {"fusion", "divide"}, "softmax and masking"),
+        ("jit(f)/jvp(GroupViT)/assign/jit(_gumbel)/jit(_uniform)/add", {"add"}, "grouping"),
+        ("jit(f)/jvp(GroupViT)/assign/jit(_one_hot)/eq", {"compare"}, "grouping"),
+        (
+            "jit(f)/jvp(GroupViT)/attn/reshape",
+            {"fusion", "copy", "transpose", "add"},
+            "layout copies",
+        ),
+        ("jit(f)/jvp(GroupViT)/blocks_2/add", {"fusion", "add", "broadcast"}, "other"),
+    ],
+)
+def test_our_kinds(op_name, opcodes, kind):
+    assert step_profile.our_kind(op_name, opcodes) == kind
+
+
+@pytest.mark.parametrize(
+    "name, ancestors, kind",
+    [
+        ("aten::addmm", ["aten::linear"], "matmul"),
+        ("aten::bmm", [], "matmul"),
+        ("aten::mul", ["optimiser"], "optimiser"),
+        ("aten::_foreach_add_", ["Optimizer.step#AdamW.step", "optimiser"], "optimiser"),
+        ("aten::gelu_backward", [], "gelu"),
+        ("aten::_softmax", ["aten::softmax"], "softmax and masking"),
+        ("aten::native_layer_norm_backward", [], "layernorm"),
+        ("aten::exponential_", [], "grouping"),
+        ("aten::copy_", ["aten::contiguous"], "layout copies"),
+        ("aten::add", [], "other"),
+    ],
+)
+def test_torch_kinds(name, ancestors, kind):
+    assert step_profile.torch_kind(name, ancestors) == kind
+
+
+def test_our_tiny_step_profile_names_what_it_computes():
+    timed = benchmark.time_ours(tiny_config(), steps=1, warmup=0, profile=True)
+    profile = timed["profile_ms"]
+    assert set(profile) == set(step_profile.KINDS)
+    for kind in ("matmul", "gelu", "layernorm", "softmax and masking", "optimiser", "grouping"):
+        assert profile[kind] > 0, (kind, profile)
+    assert all(v >= 0 for v in profile.values())
+
+
+def test_pytorch_tiny_step_profile_names_what_it_computes():
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        timed = benchmark.time_pytorch(tiny_config(), steps=1, warmup=0, threads=1, profile=True)
+    finally:
+        torch.set_num_threads(threads)
+    profile = timed["profile_ms"]
+    assert set(profile) == set(step_profile.KINDS)
+    for kind in ("matmul", "gelu", "layernorm", "softmax and masking", "optimiser", "grouping"):
+        assert profile[kind] > 0, (kind, profile)
+
+
+def test_against_pytorch_profile_adds_a_table_per_dtype(monkeypatch):
+    def fake_run(command, **kwargs):
+        side = next(a.split("=")[1] for a in command if a.startswith("--side="))
+        line = {"images_per_sec": 1.0, "side": side}
+        if "--profile" in command:
+            line["profile_ms"] = dict.fromkeys(step_profile.KINDS, 2.0 if side == "ours" else 4.0)
+        return subprocess.CompletedProcess(command, 0, stdout=json.dumps(line), stderr="")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", fake_run)
+    comparison = benchmark.compare_with_pytorch(
+        ["--config=c.py:tiny"], ["float32"], 1, 2, 1, 0, "step", profile=True
+    )
+    assert comparison["float32"]["profile_ms"]["pytorch"]["gelu"] == 4.0
+    result = {"cpu": benchmark.cpu_info(), "threads": 2, "batch_size": 4, "image_size": 32}
+    table = benchmark.comparison_table(result | {"rounds": 1, "comparison": {"step": comparison}})
+    assert "| gelu | 2 | 4 | 0.50 |" in table and "| total | 16 | 32 | 0.50 |" in table
