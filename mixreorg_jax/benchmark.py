@@ -56,10 +56,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mixreorg_jax import cli, trainer
-from mixreorg_jax.experiments import step_profile
 from mixreorg_jax.models import groupvit
 from mixreorg_jax.ops import mixed_precision
-from mixreorg_jax.training import objective, sharding
+from mixreorg_jax.training import objective, sharding, step_profile
 from mixreorg_jax.training import step as train_step
 
 VARIANTS = ("groupvit", "mixreorg")
@@ -100,7 +99,7 @@ def define_flags():
         False,
         "--against (the step): also profile each side's step once more and sum its time by "
         "kind (matmul, softmax, GELU, LayerNorm, grouping, optimiser, copies; "
-        "experiments/step_profile.py).",
+        "training/step_profile.py).",
     )
     flags.DEFINE_bool("memory_only", False, "Compile only; report the memory analysis.")
     flags.DEFINE_string(

@@ -5,8 +5,9 @@ Ours: the trace has one event per thunk XLA:CPU ran (a fusion, a dot, a copy), n
 compiled HLO names its instruction; each instruction's kind comes from its `op_name` metadata
 (the JAX source op and the module path it ran in) and the opcodes inside it. PyTorch: each aten
 op's own (self) time, its kind from the op's name, ops run inside the optimiser's step or the
-gradient clipping counted as the optimiser. Times are thread-seconds per step (two thunks may run
-at once), so a side's kinds add up to about its step time, not exactly.
+gradient clipping counted as the optimiser. Times are wall milliseconds per step: ours with each
+instant split between the thunks XLA ran at once (`sum_by_kind`), PyTorch's ops run one at a
+time; each side's kinds add up to a little less than its step (the gaps between ops).
 
 The kinds, on both sides (`KINDS`):
   matmul               dense layers, attention's two products, the patch embedding; on our side
@@ -128,13 +129,27 @@ def our_profile(run, steps: int, hlo_text: str) -> dict[str, float]:
 
 
 def sum_by_kind(events: list[dict], instructions: dict, steps: int) -> dict[str, float]:
-    """Milliseconds per step by kind of a trace's thunk events (`our_profile`)."""
-    total = collections.Counter(dict.fromkeys(KINDS, 0.0))
+    """Wall milliseconds per step by kind of a trace's thunk events (`our_profile`).
+
+    XLA:CPU runs independent thunks at once, each slowed by the others, so a thunk's duration
+    overstates its cost; each instant of the trace is split evenly between the thunks running
+    then, and the kinds add up to the time any thunk ran.
+    """
+    edges = []  # (time, +1 start / -1 end, kind)
     for event in events:
         name = event.get("args", {}).get("hlo_op")
         if event.get("ph") == "X" and name:
-            op_name, opcodes = instructions.get(name, ("", set()))
-            total[our_kind(op_name, opcodes)] += event["dur"] / 1000 / steps
+            kind = our_kind(*instructions.get(name, ("", set())))
+            edges += [(event["ts"], 1, kind), (event["ts"] + event["dur"], -1, kind)]
+    total = collections.Counter(dict.fromkeys(KINDS, 0.0))
+    running = collections.Counter()
+    last = None
+    for ts, change, kind in sorted(edges, key=lambda edge: (edge[0], edge[1])):
+        if last is not None and (count := sum(running.values())):
+            for running_kind, n in running.items():
+                total[running_kind] += (ts - last) * n / count / 1000 / steps
+        running[kind] += change
+        last = ts
     return dict(total)
 
 
