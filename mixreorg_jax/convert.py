@@ -13,6 +13,7 @@ evaluation results of CKPT's workdir, so that `transformers.pipeline(
 mixreorg_jax/formats/huggingface.py; the other files: mixreorg_jax/formats/hf_export.py.
 """
 
+import logging
 import shlex
 import sys
 
@@ -125,8 +126,12 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
             print(f"Wrote {output}: {', '.join(written)}")
     except (ValueError, OSError) as e:  # missing files, an existing output, a mismatched model
         # Orbax leaves the reads of a damaged checkpoint as coroutines that print their errors
-        # when finalised, possibly at exit: the error is this line.
+        # when finalised, and as thread-pool reads finishing after its event loop closed, whose
+        # callbacks concurrent.futures logs (asyncio its pending tasks), possibly at exit: the
+        # error is this line.
         sys.unraisablehook = lambda unraisable: None
+        for name in ("asyncio", "concurrent.futures"):
+            logging.getLogger(name).disabled = True
         raise SystemExit(f"error: {cli.one_line(e)}") from None
 
 
