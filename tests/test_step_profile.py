@@ -62,6 +62,39 @@ def test_our_kinds(op_name, opcodes, kind):
     assert step_profile.our_kind(op_name, opcodes) == kind
 
 
+def test_an_async_thunk_counts_until_its_end_event():
+    """An Eigen dot's event spans its launch; its work runs until its `end:` event. Two steps'
+    thunks of the same names pair each with its own end; overlapping time is split evenly."""
+
+    def thunk(name, ts, dur):
+        return {"ph": "X", "name": name, "ts": ts, "dur": dur, "args": {"hlo_op": name}}
+
+    def end(name, ts):
+        return {"ph": "X", "name": f"end: {name}", "ts": ts, "dur": 0, "args": {}}
+
+    step = lambda t: [
+        thunk("dot.1", t, 1), thunk("fusion.2", t + 1, 9), end("fusion.2", t + 10),
+        end("dot.1", t + 20), thunk("copy.3", t + 20, 10), end("copy.3", t + 30),
+    ]  # fmt: skip
+    events = step(0) + step(100)
+    assert step_profile.thunk_intervals(events)[:3] == [
+        ("dot.1", 0, 20),
+        ("fusion.2", 1, 10),
+        ("copy.3", 20, 30),
+    ]
+    instructions = {
+        "dot.1": ("jit(f)/jvp(M)/dense/dot_general", {"dot"}),
+        "fusion.2": ("jit(f)/jvp(M)/mlp/erf", {"erf", "multiply"}),
+        "copy.3": ("jit(f)/jvp(M)/attn/transpose", {"copy"}),
+    }
+    profile = step_profile.sum_by_kind(events, instructions, steps=2)
+    ms = lambda us: us / 1000
+    assert profile["matmul"] == pytest.approx(ms(1 + 9 / 2 + 10))
+    assert profile["gelu"] == pytest.approx(ms(9 / 2))
+    assert profile["layout copies"] == pytest.approx(ms(10))
+    assert sum(profile.values()) == pytest.approx(ms(30))
+
+
 @pytest.mark.parametrize(
     "name, ancestors, kind",
     [
