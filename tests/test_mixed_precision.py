@@ -81,3 +81,50 @@ def test_every_matmul_of_a_bfloat16_dense_layers_step_takes_bfloat16_and_gives_f
         )
     _, (grads, _) = jax.jit(step)(params, x)
     assert grads["params"]["kernel"].dtype == jnp.float32  # the float32 master weights
+
+
+def test_dense_with_bias_in_bfloat16_adds_the_bias_before_the_one_rounding():
+    x, w = operands(jnp.bfloat16)
+    bias = jnp.linspace(-1, 1, 24, dtype=jnp.float32)
+    out = mixed_precision.dense(x, w, bias)
+    assert out.dtype == jnp.bfloat16
+    want = (x.astype(jnp.float32) @ w.astype(jnp.float32) + bias).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.float32(out), np.float32(want))
+
+
+def test_dense_in_float32_is_the_plain_expression():
+    x, w = operands(jnp.float32)
+    bias = jnp.linspace(-1, 1, 24, dtype=jnp.float32)
+    np.testing.assert_array_equal(mixed_precision.dense(x, w, bias), x @ w + bias)
+
+
+def test_dense_bias_gradient_is_the_float32_sum_of_the_rounded_cotangent():
+    x, w = operands(jnp.bfloat16)
+    bias = jnp.zeros(24, jnp.float32)
+    probe = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5, 24)), jnp.float32)
+    loss = lambda x, w, b: jnp.sum(mixed_precision.dense(x, w, b).astype(jnp.float32) * probe)
+    grad_x, grad_w, grad_b = jax.grad(loss, argnums=(0, 1, 2))(x, w, bias)
+    assert (grad_x.dtype, grad_w.dtype, grad_b.dtype) == (jnp.bfloat16,) * 2 + (jnp.float32,)
+    rounded = np.float32(probe.astype(jnp.bfloat16)).reshape(-1, 24)
+    np.testing.assert_allclose(np.asarray(grad_b), rounded.sum(0), rtol=1e-6, atol=1e-6)
+    # The products' gradients are dot_general's.
+    product = lambda x, w: jnp.sum(
+        mixed_precision.dot_general(x, w, DENSE).astype(jnp.float32) * probe
+    )
+    for got, want in zip((grad_x, grad_w), jax.grad(product, argnums=(0, 1))(x, w)):
+        np.testing.assert_array_equal(np.float32(got), np.float32(want))
+
+
+def test_a_bfloat16_bias_gradient_compiles_to_a_reduce_not_reduce_windows():
+    """Why `dense` owns the bias: autodiff's bfloat16 bias sum becomes reduce-window trees."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 64, 32)), jnp.bfloat16)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((32, 48)), jnp.bfloat16)
+    bias = jnp.zeros(48, jnp.float32)
+
+    def compiled(dense):
+        loss = lambda x, w, b: jnp.sum(jax.nn.gelu(dense(x, w, b)).astype(jnp.float32))
+        return jax.jit(jax.grad(loss, argnums=(1, 2))).lower(x, w, bias).compile().as_text()
+
+    autodiff = lambda x, w, b: mixed_precision.dot_general(x, w, DENSE) + b.astype(x.dtype)
+    assert "reduce-window" in compiled(autodiff)  # what XLA:CPU does without it
+    assert "reduce-window" not in compiled(mixed_precision.dense)

@@ -151,6 +151,21 @@ class DropPath(nn.Module):
         return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
+class Dense(nn.Module):
+    """nn.Dense's parameters (float32 kernel [in, features] and bias) and result, computed by
+    `mixed_precision.dense`: in bfloat16, float32 sums forward and backward, bias included."""
+
+    features: int
+    dtype: jnp.dtype
+    kernel_init: Callable = _kernel_init
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return mixed_precision.dense(x.astype(self.dtype), kernel.astype(self.dtype), bias)
+
+
 class Mlp(nn.Module):
     """Dense(hidden) -> activation -> Dense(out) over the last axis."""
 
@@ -162,13 +177,7 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        dense = lambda features, name: nn.Dense(
-            features,
-            dtype=self.dtype,
-            kernel_init=self.kernel_init,
-            dot_general=mixed_precision.dot_general,
-            name=name,
-        )
+        dense = lambda features, name: Dense(features, self.dtype, self.kernel_init, name=name)
         return dense(self.out, "fc2")(self.activation(dense(self.hidden, "fc1")(x)))
 
 
@@ -202,13 +211,7 @@ class Attention(nn.Module):
         context = x if context is None else context
         width = x.shape[-1]
         head_dim = width // self.num_heads
-        dense = lambda name: nn.Dense(
-            width,
-            dtype=self.dtype,
-            kernel_init=self.kernel_init,
-            dot_general=mixed_precision.dot_general,
-            name=name,
-        )
+        dense = lambda name: Dense(width, self.dtype, self.kernel_init, name=name)
         # [B, T, C] -> [B, H, T, D]: each head's matrices contiguous for the two products.
         heads = lambda y: jnp.swapaxes(y.reshape(y.shape[:2] + (self.num_heads, head_dim)), 1, 2)
         q = heads(dense("query")(x) * np.asarray(head_dim**-0.5, self.dtype))  # HF scales q too
@@ -297,13 +300,7 @@ class AssignAttention(nn.Module):
                 (rng stream 'gumbel', tau 1) in training, of the plain logits otherwise.
         """
         width = groups.shape[-1]
-        dense = lambda name: nn.Dense(
-            width,
-            dtype=self.dtype,
-            kernel_init=self.kernel_init,
-            dot_general=mixed_precision.dot_general,
-            name=name,
-        )
+        dense = lambda name: Dense(width, self.dtype, self.kernel_init, name=name)
         q, k, v = dense("query")(groups), dense("key")(tokens), dense("value")(tokens)
         logits = (
             jnp.einsum("bnc,bgc->bng", k.astype(jnp.float32), q.astype(jnp.float32)) * width**-0.5
@@ -447,8 +444,7 @@ class PatchEmbedding(nn.Module):
         patches = images.reshape(batch, h, p, w, p, channels).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(batch, h, w, p * p * channels).astype(self.dtype)
         kernel = kernel.reshape(-1, self.features).astype(self.dtype)
-        out = mixed_precision.dot_general(patches, kernel, (((3,), (0,)), ((), ())))
-        return out + bias.astype(self.dtype)
+        return mixed_precision.dense(patches, kernel, bias)
 
 
 class VisionEncoder(nn.Module):
@@ -661,19 +657,9 @@ class Projector(nn.Module):
     kernel_init: Callable = _kernel_init
 
     def setup(self):
-        self.fc1 = nn.Dense(
-            self.hidden,
-            dtype=self.dtype,
-            kernel_init=self.kernel_init,
-            dot_general=mixed_precision.dot_general,
-        )
+        self.fc1 = Dense(self.hidden, self.dtype, self.kernel_init)
         self.bn = BatchNorm(dtype=self.dtype)
-        self.fc2 = nn.Dense(
-            self.out,
-            dtype=self.dtype,
-            kernel_init=self.kernel_init,
-            dot_general=mixed_precision.dot_general,
-        )
+        self.fc2 = Dense(self.out, self.dtype, self.kernel_init)
 
     def __call__(
         self,
