@@ -128,3 +128,33 @@ def test_a_bfloat16_bias_gradient_compiles_to_a_reduce_not_reduce_windows():
     autodiff = lambda x, w, b: mixed_precision.dot_general(x, w, DENSE) + b.astype(x.dtype)
     assert "reduce-window" in compiled(autodiff)  # what XLA:CPU does without it
     assert "reduce-window" not in compiled(mixed_precision.dense)
+
+
+@pytest.mark.parametrize("features", [24, 96])  # the kernel's gradient both ways round
+def test_bfloat16_kernel_gradient_is_the_float32_product_of_its_operands(features):
+    x, _ = operands(jnp.bfloat16)
+    w = jnp.zeros((48, features), jnp.bfloat16)
+    probe = jnp.asarray(np.random.default_rng(2).standard_normal((2, 5, features)), jnp.float32)
+    loss = lambda w: jnp.sum(mixed_precision.dense(x, w, None).astype(jnp.float32) * probe)
+    grad = jax.grad(loss)(w)
+    want = np.float32(x).reshape(-1, 48).T @ np.float32(probe.astype(jnp.bfloat16)).reshape(
+        -1, features
+    )
+    np.testing.assert_allclose(np.float32(grad), want, rtol=0.01, atol=0.01)
+
+
+def test_every_product_of_a_bfloat16_dense_step_is_a_ynnpack_fusion_on_cpu():
+    """No Eigen dot in float32 after converting the operands: the kernel's gradient included."""
+    rng = np.random.default_rng(0)
+    for width, features in ((32, 48), (48, 32)):
+        x = jnp.asarray(rng.standard_normal((4, 64, width)), jnp.bfloat16)
+        w = jnp.asarray(rng.standard_normal((width, features)), jnp.bfloat16)
+        loss = lambda x, w, b: jnp.sum(jax.nn.gelu(mixed_precision.dense(x, w, b)))
+        step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        text = step.lower(x, w, jnp.zeros(features, jnp.float32)).compile().as_text()
+        entry = text[text.index("\nENTRY ") :]
+        assert " dot(" not in entry
+        dots = [
+            line for line in entry.splitlines() if "__ynn_fusion" in line and "dot_general" in line
+        ]
+        assert len(dots) == 3, dots

@@ -70,6 +70,29 @@ def _accumulated(lhs, rhs, lhs_axis: int, rhs_axis: int, precision):
     )
 
 
+def _weight_gradient(x, grad, precision):
+    """x [M, K], grad [M, N] -> x^T @ grad [K, N] in float32 (the kernel's gradient).
+
+    YNNPACK takes a bfloat16 dot only with its lhs row-major and contracted over its last axis,
+    and XLA:CPU folds a transpose written before the dot back into its dimension numbers; the
+    dot then runs in Eigen at float32 speed after converting both operands. A transpose padded
+    with one zero row is not folded away, so on CPU the narrower operand is transposed and
+    padded, and the product's extra row dropped: about 2x faster at GroupViT-S's shapes
+    (docs/performance.md). Other platforms take the contraction as it is.
+    """
+
+    def on_cpu(x, grad):
+        if x.shape[1] <= grad.shape[1]:
+            padded = jnp.pad(x.T, ((0, 1), (0, 0)))
+            return _accumulated(padded, grad, 1, 0, precision)[:-1]
+        padded = jnp.pad(grad.T, ((0, 1), (0, 0)))
+        return _accumulated(padded, x, 1, 0, precision)[:-1].T
+
+    return lax.platform_dependent(
+        x, grad, cpu=on_cpu, default=lambda x, grad: _accumulated(x, grad, 0, 0, precision)
+    )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _dense(x, kernel, bias, precision):
     """x [..., K] @ kernel [K, N] (+ bias [N], or None) -> [..., N] in x's dtype, accumulated
@@ -89,7 +112,7 @@ def _dense_backward(precision, saved, grad):
     grad = grad.astype(x.dtype)
     rows = grad.reshape(-1, grad.shape[-1])
     grad_x = _accumulated(grad, kernel, grad.ndim - 1, 1, precision).astype(x.dtype)
-    grad_kernel = _accumulated(x.reshape(-1, x.shape[-1]), rows, 0, 0, precision)
+    grad_kernel = _weight_gradient(x.reshape(-1, x.shape[-1]), rows, precision)
     grad_bias = None
     if bias is not None:
         grad_bias = jnp.sum(rows.astype(jnp.float32), axis=0).astype(bias.dtype)
