@@ -46,17 +46,17 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     )
 
 
-def dense(x, kernel, bias, precision=None):
-    """x [..., K] @ kernel [K, N] + bias [N] -> [..., N], in x's dtype.
+def dense(x, kernel, bias=None, precision=None):
+    """x [..., K] @ kernel [K, N] (+ bias [N]) -> [..., N], in x's dtype.
 
     bfloat16 x and kernel: products summed in float32, the bias (in its own dtype, float32 master
-    weights) added to the sums before the one rounding, as oneDNN's bfloat16 linear layer does;
-    its gradient comes back in bias's dtype. Other dtypes: the plain expression.
+    weights) added to the sums before the one rounding; its gradient comes back in bias's dtype.
+    Other dtypes: the plain expression.
     """
     if x.dtype == kernel.dtype == jnp.bfloat16:
         return _dense(x, kernel, bias, precision)
     product = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
-    return product + bias.astype(product.dtype)
+    return product if bias is None else product + bias.astype(product.dtype)
 
 
 def _accumulated(lhs, rhs, lhs_axis: int, rhs_axis: int, precision):
