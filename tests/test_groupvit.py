@@ -220,19 +220,6 @@ def test_resize_bicubic_matches_torch(in_size, out_size):
     )
 
 
-def test_softmax_and_its_gradient_are_jax_nn_softmaxs_also_under_a_causal_mask():
-    rng = np.random.default_rng(3)
-    logits = jnp.asarray(rng.normal(size=(2, 3, 5, 5)).astype(np.float32))
-    logits = jnp.where(np.tril(np.ones((5, 5), bool)), logits, -jnp.inf)
-    cotangent = jnp.asarray(rng.normal(size=logits.shape).astype(np.float32))
-    ours, ours_vjp = jax.vjp(groupvit.softmax, logits)
-    expected, expected_vjp = jax.vjp(lambda x: jax.nn.softmax(x, axis=-1), logits)
-    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-7)
-    (grad,), (expected_grad,) = ours_vjp(cotangent), expected_vjp(cotangent)
-    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
-    assert np.all(np.asarray(grad)[..., ~np.tril(np.ones((5, 5), bool))] == 0)
-
-
 def test_bfloat16_compute_stays_close_to_float32(tiny):
     config, model, variables, images, tokens, forward = tiny
     config16 = config.copy_and_resolve_references()

@@ -158,3 +158,76 @@ def test_every_product_of_a_bfloat16_dense_step_is_a_ynnpack_fusion_on_cpu():
             line for line in entry.splitlines() if "__ynn_fusion" in line and "dot_general" in line
         ]
         assert len(dots) == 3, dots
+
+
+def attention_operands(dtype, tokens=(6, 6)):
+    rng = np.random.default_rng(3)
+    t, s = tokens
+    q, k, v = (rng.standard_normal((2, 3, n, 8)) for n in (t, s, s))
+    return tuple(jnp.asarray(a, dtype) for a in (q / 3, k, v))
+
+
+def einsum_attention(q, k, v, causal):
+    """The expression `attention` replaces: einsums in the operands' dtype, jax.nn.softmax in f32."""
+    logits = jnp.einsum("bhtd,bhsd->bhts", q, k).astype(jnp.float32)
+    if causal:
+        logits = jnp.where(np.tril(np.ones(logits.shape[-2:], bool)), logits, -jnp.inf)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bhsd->bhtd", weights, v)
+
+
+@pytest.mark.parametrize("tokens,causal", [((6, 6), False), ((6, 6), True), ((4, 9), False)])
+def test_attention_in_float32_is_the_einsums_forward_and_backward(tokens, causal):
+    q, k, v = attention_operands(jnp.float32, tokens)
+    probe = jnp.asarray(np.random.default_rng(4).standard_normal(q.shape), jnp.float32)
+    ours, ours_vjp = jax.vjp(lambda *a: mixed_precision.attention(*a, causal), q, k, v)
+    want, want_vjp = jax.vjp(lambda *a: einsum_attention(*a, causal), q, k, v)
+    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(ours_vjp(probe), want_vjp(probe)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    if causal:  # nothing flows to the keys a query does not see: the last key only from the last
+        grad_k = jax.grad(lambda k: jnp.sum(mixed_precision.attention(q, k, v, True)[..., :-1, :]))
+        np.testing.assert_array_equal(grad_k(k)[..., -1, :], 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_in_bfloat16_rounds_as_the_bfloat16_einsums_do(causal):
+    q, k, v = attention_operands(jnp.bfloat16, (12, 12))
+    probe = jnp.asarray(np.random.default_rng(5).standard_normal(q.shape), jnp.bfloat16)
+    ours, ours_vjp = jax.vjp(lambda *a: mixed_precision.attention(*a, causal), q, k, v)
+    want, want_vjp = jax.vjp(lambda *a: einsum_attention(*a, causal), q, k, v)
+    assert ours.dtype == jnp.bfloat16
+    # Both sum in float32 and round to bfloat16 at the same places; the order of the float32
+    # sums may differ, which moves a rounding by one bfloat16 step (2^-8 relative) at most.
+    np.testing.assert_allclose(np.float32(ours), np.float32(want), rtol=2**-7, atol=2**-7)
+    for got, expected in zip(ours_vjp(probe), want_vjp(probe)):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.float32(got), np.float32(expected), rtol=0.02, atol=0.02)
+
+
+def test_every_product_of_a_bfloat16_attention_step_is_a_ynnpack_fusion_on_cpu():
+    """The forward's two products and the backward's four, none an Eigen dot in float32 and
+    none with float32 operands, with heads split off [B, T, C] arrays as a model splits them."""
+    q, k, v = (
+        jnp.swapaxes(a, 1, 2).reshape(2, 40, 24) for a in attention_operands(jnp.bfloat16, (40, 40))
+    )
+    heads = lambda a: jnp.swapaxes(a.reshape(2, 40, 3, 8), 1, 2)
+
+    def loss(q, k, v):
+        out = mixed_precision.attention(heads(q), heads(k), heads(v))
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+    entry = text[text.index("\nENTRY ") :]
+    assert " dot(" not in entry
+    # Each YNNPACK fusion's computation; some hold the softmax's reductions beside their dot.
+    called = re.findall(r"__ynn_fusion.*", entry)
+    fused = re.findall(r"calls=(%[\w.]+), [^\n]*__ynn_fusion", entry)
+    bodies = [text[text.index(f"\n{name} ") :].split("\n}", 1)[0] for name in fused]
+    assert len(called) == len(fused)
+    assert sum(" dot(" in body for body in bodies) == 6, fused
+    operands = re.findall(r"fusion\(([^)]*)\), kind=kCustom[^\n]*__ynn_fusion", entry)
+    types = dict(re.findall(r"\n\s*(?:ROOT )?(%[\w.]+) = (\w+)\[", entry))
+    for names, body in zip(operands, bodies):
+        if " dot(" in body:  # (a softmax's fusion also reads the reductions' f32 init values)
+            assert [types[n.strip()] for n in names.split(",")][-2:] == ["bf16", "bf16"], names

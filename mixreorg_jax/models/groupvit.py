@@ -57,29 +57,6 @@ def exact_gelu(x: jnp.ndarray) -> jnp.ndarray:
     return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(2**-0.5, x.dtype)))
 
 
-@jax.custom_vjp
-def softmax(logits: jnp.ndarray) -> jnp.ndarray:
-    """`jax.nn.softmax` over the last axis, whose backward pass reads its saved output.
-
-    Autodiff's backward pass recomputes the output from the exponentials and a broadcast of
-    1 / sum that XLA:CPU writes out in full ([B, H, T, T] at attention's shapes); this one is
-    p * (g - sum(g * p)), as PyTorch's. The same function and gradient (docs/performance.md).
-    """
-    return jax.nn.softmax(logits, axis=-1)
-
-
-def _softmax_forward(logits):
-    probs = softmax(logits)
-    return probs, probs
-
-
-def _softmax_backward(probs, grad):
-    return (probs * (grad - jnp.sum(grad * probs, axis=-1, keepdims=True)),)
-
-
-softmax.defvjp(_softmax_forward, _softmax_backward)
-
-
 def l2_normalize(x: jnp.ndarray, axis: int = -1, eps: float = 1e-12) -> jnp.ndarray:
     """x / max(|x|, eps) along `axis`, in float32 (torch.nn.functional.normalize)."""
     x = x.astype(jnp.float32)
@@ -216,12 +193,7 @@ class Attention(nn.Module):
         heads = lambda y: jnp.swapaxes(y.reshape(y.shape[:2] + (self.num_heads, head_dim)), 1, 2)
         q = heads(dense("query")(x) * np.asarray(head_dim**-0.5, self.dtype))  # HF scales q too
         k, v = heads(dense("key")(context)), heads(dense("value")(context))
-        logits = jnp.einsum("bhtd,bhsd->bhts", q, k).astype(jnp.float32)
-        if causal:
-            mask = np.tril(np.ones((x.shape[1], context.shape[1]), bool))
-            logits = jnp.where(mask, logits, -jnp.inf)
-        weights = softmax(logits).astype(self.dtype)
-        out = jnp.swapaxes(jnp.einsum("bhts,bhsd->bhtd", weights, v), 1, 2)
+        out = jnp.swapaxes(mixed_precision.attention(q, k, v, causal), 1, 2)
         out = out.reshape(x.shape[:2] + (width,))
         return dense("out")(out)
 
