@@ -220,14 +220,17 @@ def test_every_product_of_a_bfloat16_attention_step_is_a_ynnpack_fusion_on_cpu()
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
     entry = text[text.index("\nENTRY ") :]
     assert " dot(" not in entry
-    # Each YNNPACK fusion's computation; some hold the softmax's reductions beside their dot.
-    called = re.findall(r"__ynn_fusion.*", entry)
-    fused = re.findall(r"calls=(%[\w.]+), [^\n]*__ynn_fusion", entry)
-    bodies = [text[text.index(f"\n{name} ") :].split("\n}", 1)[0] for name in fused]
-    assert len(called) == len(fused)
-    assert sum(" dot(" in body for body in bodies) == 6, fused
-    operands = re.findall(r"fusion\(([^)]*)\), kind=kCustom[^\n]*__ynn_fusion", entry)
+    # Each YNNPACK fusion's operands and computation; some hold the softmax's reductions beside
+    # their dot, and read the reductions' float32 init values before the dot's operands.
+    fusions = re.findall(
+        r"fusion\(([^)]*)\), kind=kCustom, calls=(%[\w.]+),[^\n]*__ynn_fusion", entry
+    )
+    assert len(fusions) == entry.count("__ynn_fusion"), fusions
     types = dict(re.findall(r"\n\s*(?:ROOT )?(%[\w.]+) = (\w+)\[", entry))
-    for names, body in zip(operands, bodies):
-        if " dot(" in body:  # (a softmax's fusion also reads the reductions' f32 init values)
-            assert [types[n.strip()] for n in names.split(",")][-2:] == ["bf16", "bf16"], names
+    with_dots = 0
+    for operands, name in fusions:
+        if " dot(" in text[text.index(f"\n{name} ") :].split("\n}", 1)[0]:
+            with_dots += 1
+            dtypes = [types[operand.strip()] for operand in operands.split(",")]
+            assert dtypes[-2:] == ["bf16", "bf16"], (name, operands)
+    assert with_dots == 6, fusions
