@@ -13,6 +13,8 @@
 #   python -m mixreorg_jax.train --config configs/mixreorg.py:demo --workdir /tmp/demo ...
 #   python -m mixreorg_jax.evaluate --config configs/eval/synthetic.py ... --output_dir /tmp/demo/eval
 set -euo pipefail
+# glibc's malloc maps XLA:CPU's per-step buffers in transparent huge pages (mixreorg_jax/cli.py).
+export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
 cd "$(dirname "$0")/.."
 dry_run=0
 if [[ "${1:-}" == "--dry_run" ]]; then dry_run=1; shift; fi

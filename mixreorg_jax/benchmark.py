@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mixreorg_jax import cli, trainer
@@ -100,6 +100,13 @@ def define_flags():
         "--against (the step): also profile each side's step once more and sum its time by "
         "kind (matmul, softmax, GELU, LayerNorm, grouping, optimiser, copies; "
         "training/step_profile.py).",
+    )
+    flags.DEFINE_bool(
+        "huge_pages",
+        True,
+        "--against: run both sides with glibc's malloc in transparent huge pages "
+        "(GLIBC_TUNABLES=glibc.malloc.hugetlb=1, `cli.with_huge_pages`); --nohuge_pages: as the "
+        "environment has it.",
     )
     flags.DEFINE_bool("memory_only", False, "Compile only; report the memory analysis.")
     flags.DEFINE_string(
@@ -614,6 +621,7 @@ def time_side(
         result = time_pytorch(config, steps, warmup, threads, profile)
     versions = {"jax": jax.__version__} if side == "ours" else {}
     described = {"side": side, "piece": piece, "dtype": config.model.dtype, "threads": threads}
+    described["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
     return result | versions | described
 
 
@@ -729,11 +737,14 @@ def compare_with_pytorch(
     warmup: int,
     piece: str = "step",
     profile: bool = False,
+    huge_pages: bool = True,
 ) -> dict:
     """Runs `time_side` in fresh processes: per round and dtype ours and PyTorch's, the order
-    alternating between rounds. Returns per dtype each side's runs, median and range, and
+    alternating between rounds, both in one environment (`huge_pages`: with
+    `cli.with_huge_pages`). Returns per dtype each side's runs, median and range, and
     ours / PyTorch (of the medians); `profile`: and each side's step by kind (`profile_ms`),
     from one more process per side."""
+    env = cli.with_huge_pages(os.environ) if huge_pages else dict(os.environ)
 
     def run_side(side: str, dtype: str, *extra: str) -> dict:
         command = [
@@ -742,7 +753,7 @@ def compare_with_pytorch(
             *(f"--side={side}", f"--pieces={piece}", f"--threads={threads}"),
             *(f"--steps={steps}", f"--warmup={warmup}", *extra),
         ]
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode:
             raise SystemExit(
                 f"error: the {side} {piece} {dtype} run failed:\n{done.stderr[-3000:]}"
@@ -893,11 +904,13 @@ def main(argv):
             "rounds": fl.rounds,
             "dtypes": fl.dtypes,
             "steps": fl.steps,
+            "huge_pages": fl.huge_pages,
             "comparison": {
                 piece: compare_with_pytorch(
                     *(config_args, fl.dtypes, fl.rounds, fl.threads, fl.steps, fl.warmup),
                     piece,
                     fl.profile and piece == "step",
+                    fl.huge_pages,
                 )
                 for piece in fl.pieces
             },
@@ -907,6 +920,8 @@ def main(argv):
         print(comparison_table(result))
         return
     result.update(devices=len(jax.devices()), platform=jax.devices()[0].platform)
+    if result["platform"] == "cpu" and (hint := cli.huge_pages_hint()):
+        logging.warning(hint)
     configs = {name: variant(config, mix=name == "mixreorg") for name in fl.variants}
     if fl.memory_only:
         for name, c in configs.items():

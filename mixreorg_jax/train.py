@@ -7,7 +7,8 @@ GPU clusters) start the same command on every host; `jax.distributed` is initial
 environment (or `--num_processes`) says there is more than one process.
 """
 
-from absl import app, flags
+import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mixreorg_jax import cli, trainer
@@ -24,6 +25,8 @@ def main(argv):
     del argv
     cli.quiet_orbax_logs()
     sharding.initialize_distributed()
+    if jax.default_backend() == "cpu" and (hint := cli.huge_pages_hint()):
+        logging.warning(hint)
     try:
         trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except (trainer.TrainingDiverged, ValueError, FileNotFoundError) as e:

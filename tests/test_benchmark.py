@@ -140,6 +140,7 @@ def test_each_side_runs_in_a_fresh_process_alternating_between_rounds(monkeypatc
         side = next(a.split("=")[1] for a in command if a.startswith("--side="))
         dtype = next(a.split("=")[1] for a in command if a.startswith("--config.model.dtype="))
         calls.append((side, dtype))
+        assert "glibc.malloc.hugetlb=1" in kwargs["env"]["GLIBC_TUNABLES"]  # both sides alike
         rate = {"ours": 30.0, "pytorch": 10.0}[side] + len(calls)  # a different rate each run
         line = json.dumps({"images_per_sec": rate, "side": side, "dtype": dtype})
         return subprocess.CompletedProcess(command, 0, stdout=f"log\n{line}\n", stderr="")
@@ -200,5 +201,6 @@ def test_against_pytorch_from_the_command_line_passes_the_config_to_both_sides()
             (run,) = report["comparison"][piece]["bfloat16"][side]["runs"]
             assert (run["side"], run["piece"], run["dtype"]) == (side, piece, "bfloat16")
             assert run["threads"] == 1 and run["batch_size"] == 8 and run["images_per_sec"] > 0
+            assert "glibc.malloc.hugetlb=1" in run["glibc_tunables"]
     assert lines[-1].startswith("| matmul | bfloat16 |")
     assert report["cpu"]["model"] in result.stdout

@@ -2,8 +2,11 @@
 
 import os
 import pathlib
+import platform
 import subprocess
 import sys
+
+import pytest
 
 from mixreorg_jax import cli
 
@@ -63,3 +66,59 @@ def test_train_finds_its_config_outside_the_repository(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --config.optim.lrr=1: no such config field"), result.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_huge_pages_tunable_joins_the_environments_own():
+    assert cli.with_huge_pages({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": cli.HUGE_PAGES_TUNABLE}
+    env = cli.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{cli.HUGE_PAGES_TUNABLE}"
+    mine = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}  # the user's own choice stands
+    assert cli.with_huge_pages(mine) == mine
+
+
+# Allocates, fills and frees a block as large as XLA:CPU's per-step buffers, twice, in a thread
+# (as XLA's workers do); prints the page faults of the second round.
+_REFILL = """
+import ctypes, resource, threading
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+size = 256 << 20
+def fill():
+    block = libc.malloc(size)
+    libc.memset(block, 1, size)
+    libc.free(block)
+def rounds():
+    fill()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fill()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+thread = threading.Thread(target=rounds)
+thread.start()
+thread.join()
+"""
+
+
+def huge_pages_available() -> bool:
+    """glibc with the hugetlb tunable (2.35+) and the kernel's transparent huge pages on."""
+    name, version = platform.libc_ver()
+    if name != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):
+        return False
+    mode = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return mode.exists() and "[never]" not in mode.read_text()
+
+
+@pytest.mark.skipif(not huge_pages_available(), reason="needs glibc 2.35+ and huge pages")
+def test_a_freed_buffer_faults_back_in_2_mib_at_a_time_with_huge_pages():
+    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+
+    def faults(env):
+        command = [sys.executable, "-c", _REFILL]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout)
+
+    plain, huge = faults(base), faults(cli.with_huge_pages(base))
+    assert plain >= (256 << 20) // 4096 // 2  # glibc unmapped the block: 4 KiB faults again
+    assert huge < plain / 20
