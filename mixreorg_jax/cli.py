@@ -73,23 +73,33 @@ def with_huge_pages(environ: Mapping[str, str]) -> dict[str, str]:
     and the step takes 1.05 s (docs/performance.md). Memory is given back as before.
     """
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb=" in tunables:
+    if _sets_hugetlb(tunables):
         return dict(environ)
     return dict(environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, HUGE_PAGES_TUNABLE))))
 
 
-def huge_pages_hint() -> str | None:
-    """The line to log when this process's malloc could map huge pages and does not (Linux,
-    glibc, transparent huge pages on `madvise` or `always`, no hugetlb tunable); else None."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    if "glibc.malloc.hugetlb=" in os.environ.get("GLIBC_TUNABLES", ""):
-        return None
+def _sets_hugetlb(tunables: str) -> bool:
+    return "glibc.malloc.hugetlb=" in tunables
+
+
+def huge_pages_available() -> bool:
+    """Whether `HUGE_PAGES_TUNABLE` takes effect here: Linux, glibc 2.35 or later (older ones
+    ignore it), transparent huge pages on `madvise` or `always`."""
+    name, version = platform.libc_ver()
+    if platform.system() != "Linux" or name != "glibc":
+        return False
+    if tuple(int(part) for part in version.split(".")[:2]) < (2, 35):
+        return False
     try:
-        mode = _THP_MODE.read_text()
+        return "[never]" not in _THP_MODE.read_text()
     except OSError:
-        return None
-    if "[never]" in mode:
+        return False
+
+
+def huge_pages_hint() -> str | None:
+    """The line to log when this process's malloc could map huge pages and does not (they are
+    available and GLIBC_TUNABLES does not set hugetlb); else None."""
+    if _sets_hugetlb(os.environ.get("GLIBC_TUNABLES", "")) or not huge_pages_available():
         return None
     return (
         f"host memory in 4 KiB pages: GLIBC_TUNABLES={HUGE_PAGES_TUNABLE} (launch/local.sh sets "

@@ -2,7 +2,6 @@
 
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 
@@ -100,16 +99,7 @@ thread.join()
 """
 
 
-def huge_pages_available() -> bool:
-    """glibc with the hugetlb tunable (2.35+) and the kernel's transparent huge pages on."""
-    name, version = platform.libc_ver()
-    if name != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):
-        return False
-    mode = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    return mode.exists() and "[never]" not in mode.read_text()
-
-
-@pytest.mark.skipif(not huge_pages_available(), reason="needs glibc 2.35+ and huge pages")
+@pytest.mark.skipif(not cli.huge_pages_available(), reason="needs glibc 2.35+ and huge pages")
 def test_a_freed_buffer_faults_back_in_2_mib_at_a_time_with_huge_pages():
     base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
 
