@@ -48,6 +48,7 @@ import sys
 import time
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -67,8 +68,10 @@ SIDES = ("ours", "pytorch")
 # (`time_piece`): the MLP's first matmul [B*N, C] x [C, 4C] forward (ours as our dense layers
 # multiply, `ops/mixed_precision.py`), one transformer block forward and backward over
 # [B, N + G, C] (image and group tokens), its multi-head attention alone (projections
-# included), one grouping block forward and backward ([B, N, C] tokens, [B, G, C] group tokens).
-PIECES = ("step", "matmul", "block", "attention", "grouping")
+# included), one grouping block forward and backward ([B, N, C] tokens, [B, G, C] group tokens),
+# and two elementwise kinds forward and backward on inputs in the compute dtype: the vision MLP's
+# erf GELU over [B, N + G, 4C] and a LayerNorm over [B, N + G, C].
+PIECES = ("step", "matmul", "block", "attention", "grouping", "gelu", "layernorm")
 DTYPES = ("float32", "bfloat16")
 # The CPU features that decide fp32 and bf16 matmul speed.
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
@@ -629,9 +632,9 @@ def time_piece(
     config: ml_collections.ConfigDict, side: str, piece: str, steps: int, warmup: int, threads
 ) -> dict:
     """Times one of `PIECES` (not the step) on `side`: ours jitted, PyTorch's eager (HF's
-    `GroupViTEncoderLayer`, `GroupViTAttention` and `GroupViTTokenAssign`, bf16 under
-    autocast), at the model's
-    first-stage shapes, with the config's batch and compute dtype."""
+    `GroupViTEncoderLayer`, `GroupViTAttention` and `GroupViTTokenAssign`, `torch.nn.GELU` and
+    `torch.nn.LayerNorm`, bf16 under autocast), at the model's first-stage shapes, with the
+    config's batch and compute dtype."""
     m, batch = config.model, config.data.batch_size
     n, g, c = (m.image_size // m.patch_size) ** 2, m.num_group_tokens[0], m.width
     rng = np.random.default_rng(0)
@@ -640,6 +643,8 @@ def time_piece(
         "block": [(batch, n + g, c)],
         "attention": [(batch, n + g, c)],
         "grouping": [(batch, n, c), (batch, g, c)],
+        "gelu": [(batch, n + g, round(m.mlp_ratio * c))],
+        "layernorm": [(batch, n + g, c)],
     }[piece]
     inputs = [rng.standard_normal(shape, dtype=np.float32) for shape in shapes]
     if side == "ours":
@@ -660,16 +665,23 @@ def time_piece(
 
 
 def _our_piece(m: ml_collections.ConfigDict, piece: str, inputs: list[np.ndarray]):
-    """A jitted call of our piece (`time_piece`); blocks: the gradient of their outputs' sum
-    with respect to parameters and inputs."""
+    """A jitted call of our piece (`time_piece`); but for the matmul, the gradient of its
+    output's sum with respect to parameters and inputs."""
     dtype = jnp.dtype(m.dtype)
     if piece == "matmul":  # as our dense layers multiply
         x, w = (jnp.asarray(a, dtype) for a in inputs)
         dims = (((1,), (0,)), ((), ()))
         matmul = jax.jit(lambda x, w: mixed_precision.dot_general(x, w, dims))
         return lambda: matmul(x, w)
-    args = [jnp.asarray(a) for a in inputs]
-    if piece == "block":
+    elementwise = piece in ("gelu", "layernorm")  # fed in the compute dtype, as in the model
+    args = [jnp.asarray(a, dtype if elementwise else None) for a in inputs]
+    if piece == "gelu":
+        params, apply = {}, lambda p, x: groupvit.exact_gelu(x)
+    elif piece == "layernorm":
+        module = nn.LayerNorm(m.layer_norm_eps, dtype=dtype)
+        params = module.init(jax.random.key(0), *args)
+        apply = module.apply
+    elif piece == "block":
         hidden = round(m.mlp_ratio * m.width)
         module = groupvit.Block(m.num_heads, hidden, groupvit.exact_gelu, m.layer_norm_eps, dtype)
         params = module.init(jax.random.key(0), *args)
@@ -689,8 +701,8 @@ def _our_piece(m: ml_collections.ConfigDict, piece: str, inputs: list[np.ndarray
 
 
 def _pytorch_piece(m: ml_collections.ConfigDict, piece: str, inputs: list[np.ndarray], threads):
-    """HF's piece as one call (`time_piece`): forward (under bf16 autocast for bf16), and for
-    blocks the backward of the output's sum."""
+    """HF's piece as one call (`time_piece`): forward (under bf16 autocast for bf16) and,
+    but for the matmul, the backward of the output's sum."""
     import torch
     import transformers
     from transformers.models.groupvit import modeling_groupvit
@@ -700,9 +712,15 @@ def _pytorch_piece(m: ml_collections.ConfigDict, piece: str, inputs: list[np.nda
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     bf16 = m.dtype == "bfloat16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
     if piece == "matmul":
-        x, w = (torch.from_numpy(a).to(torch.bfloat16 if bf16 else torch.float32) for a in inputs)
+        x, w = (torch.from_numpy(a).to(dtype) for a in inputs)
         return lambda: torch.matmul(x, w)
+    args = [torch.from_numpy(a) for a in inputs]
+    if piece in ("gelu", "layernorm"):  # HF's layers use these two modules
+        eps = m.layer_norm_eps
+        layer = torch.nn.GELU() if piece == "gelu" else torch.nn.LayerNorm(m.width, eps=eps)
+        return _pytorch_call(layer, layer, [a.to(dtype).requires_grad_() for a in args], bf16)
     hf_config = transformers.GroupViTConfig(**huggingface.model_config_to_hf_config(m))
     vision = hf_config.vision_config
     if piece == "block":
@@ -716,14 +734,22 @@ def _pytorch_piece(m: ml_collections.ConfigDict, piece: str, inputs: list[np.nda
         layer = modeling_groupvit.GroupViTTokenAssign(vision, g, m.num_output_groups[0])
         forward = lambda x, groups: layer(x, groups)[0]
     layer.train()
-    args = [torch.from_numpy(a).requires_grad_() for a in inputs]
+    return _pytorch_call(layer, forward, [a.requires_grad_() for a in args], bf16)
+
+
+def _pytorch_call(layer, forward, args, bf16: bool):
+    """One forward (bf16: under autocast) and the backward of its output's sum; returns the
+    output and the inputs' gradients."""
+    import torch
 
     def call():
         layer.zero_grad(set_to_none=True)
+        for a in args:
+            a.grad = None
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             out = forward(*args)
         out.float().sum().backward()
-        return out
+        return out, [a.grad for a in args]
 
     return call
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from mixreorg_jax import benchmark
@@ -157,7 +158,7 @@ def test_each_side_runs_in_a_fresh_process_alternating_between_rounds(monkeypatc
     assert result["float32"]["ours_over_pytorch"] == 34.0 / 13.0
 
 
-@pytest.mark.parametrize("piece", ["matmul", "block", "attention", "grouping"])
+@pytest.mark.parametrize("piece", benchmark.PIECES[1:])
 def test_pieces_time_the_same_computation_on_both_sides(piece):
     """Each piece runs on both sides at the tiny model's shapes, in both dtypes."""
     import torch
@@ -173,6 +174,19 @@ def test_pieces_time_the_same_computation_on_both_sides(piece):
                 assert timed["images_per_sec"] > 0 and timed["call_ms"] > 0, (side, dtype)
     finally:
         torch.set_num_threads(threads)  # this worker's other tests
+
+
+@pytest.mark.parametrize("piece", ["gelu", "layernorm"])
+def test_elementwise_pieces_compute_the_same_gradient_on_both_sides(piece):
+    """fp32: ours and PyTorch's give the same input gradient of the output's sum."""
+    config = train_config.from_file(f"{REPO}/configs/mixreorg.py:tiny")
+    m = config.model
+    m.dtype = "float32"
+    width = round(m.width * m.mlp_ratio) if piece == "gelu" else m.width
+    x = np.random.default_rng(0).standard_normal((2, 5, width), dtype=np.float32) * 2
+    ours = benchmark._our_piece(m, piece, [x])()[1]
+    _, (theirs,) = benchmark._pytorch_piece(m, piece, [x], threads=1)()
+    np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_info_names_the_model_and_its_matmul_features():
