@@ -234,3 +234,40 @@ def test_every_product_of_a_bfloat16_attention_step_is_a_ynnpack_fusion_on_cpu()
             dtypes = [types[operand.strip()] for operand in operands.split(",")]
             assert dtypes[-2:] == ["bf16", "bf16"], (name, operands)
     assert with_dots == 6, fusions
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(2**-0.5)))
+
+
+def test_activation_in_float32_is_the_function_itself():
+    x = jnp.linspace(-4.0, 4.0, 33)
+    probe = jnp.cos(x)
+    ours, ours_vjp = jax.vjp(lambda x: mixed_precision.activation(_gelu, x), x)
+    want, want_vjp = jax.vjp(_gelu, x)
+    np.testing.assert_array_equal(ours, want)
+    np.testing.assert_array_equal(ours_vjp(probe)[0], want_vjp(probe)[0])
+
+
+def test_activation_in_bfloat16_is_the_float32_one_rounded_once_forward_and_backward():
+    x = jnp.linspace(-4.0, 4.0, 257).astype(jnp.bfloat16)
+    probe = jnp.cos(jnp.arange(257.0)).astype(jnp.bfloat16)
+    ours, ours_vjp = jax.vjp(lambda x: mixed_precision.activation(_gelu, x), x)
+    (grad,) = ours_vjp(probe)
+    assert ours.dtype == grad.dtype == jnp.bfloat16
+    x32, probe32 = x.astype(jnp.float32), probe.astype(jnp.float32)
+    value32, vjp32 = jax.vjp(_gelu, x32)
+    np.testing.assert_array_equal(ours, value32.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(grad, vjp32(probe32)[0].astype(jnp.bfloat16))
+    # Autodiff of the same expression in bfloat16 rounds at every step and differs.
+    plain, plain_vjp = jax.vjp(_gelu, x)
+    assert np.any(np.asarray(plain) != np.asarray(ours))
+
+
+def test_activation_saves_only_its_input_for_the_backward_pass():
+    x = jnp.ones((4, 8), jnp.bfloat16)
+    saved = jax.linearize(lambda x: mixed_precision.activation(_gelu, x), x)
+    residuals = [
+        leaf for leaf in jax.tree.leaves(saved[1]) if isinstance(leaf, jax.Array) and leaf.size > 1
+    ]
+    assert [r.shape for r in residuals] == [(4, 8)], [r.shape for r in residuals]

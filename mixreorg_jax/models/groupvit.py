@@ -43,7 +43,15 @@ def weight_init(config: ml_collections.ConfigDict) -> Callable:
 
 
 def quick_gelu(x: jnp.ndarray) -> jnp.ndarray:
-    """CLIP's GELU approximation, x * sigmoid(1.702 x): the text tower's activation."""
+    """CLIP's GELU approximation, x * sigmoid(1.702 x): the text tower's activation.
+
+    bfloat16 x: computed in float32 and rounded once, as PyTorch's kernel does
+    (`mixed_precision.activation`).
+    """
+    return mixed_precision.activation(_quick_gelu, x)
+
+
+def _quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
 
@@ -52,8 +60,13 @@ def exact_gelu(x: jnp.ndarray) -> jnp.ndarray:
 
     Written with erf, as PyTorch computes it: `jax.nn.gelu(approximate=False)` goes through erfc,
     whose XLA:CPU expansion (exponentials and selects) made the forward and backward pass 2x
-    slower at GroupViT-S's MLP shapes (docs/performance.md).
+    slower at GroupViT-S's MLP shapes (docs/performance.md). bfloat16 x: computed in float32 and
+    rounded once, as PyTorch's kernel does (`mixed_precision.activation`).
     """
+    return mixed_precision.activation(_exact_gelu, x)
+
+
+def _exact_gelu(x):
     return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(2**-0.5, x.dtype)))
 
 

@@ -3,7 +3,8 @@ backward.
 
 `dense` is a dense layer's x @ kernel + bias; `dot_general` is a drop-in for `lax.dot_general`
 in `flax.linen.Dense(dot_general=...)`, the same product without the bias; `attention` is
-softmax(q k^T) v with its two batched products computed the same way. For
+softmax(q k^T) v with its two batched products computed the same way; `activation` is an
+elementwise function (the GELUs) of bfloat16 values computed in float32 and rounded once. For
 bfloat16 operands it computes what a bfloat16 dot computes on XLA:CPU, TPU and GPU alike
 (bfloat16 products summed in float32, the result rounded to bfloat16), and so do the two matmuls
 of its backward pass; any other dot is `lax.dot_general` itself.
@@ -199,3 +200,33 @@ def _attention_backward(causal, saved, grad):
 
 
 _attention.defvjp(_attention_forward, _attention_backward)
+
+
+def activation(fn, x):
+    """fn(x) for an elementwise fn (a hashable one: a module-level function); bfloat16 x: fn in
+    float32, rounded to bfloat16 once, forward and backward.
+
+    As PyTorch's kernels compute an activation of bfloat16 tensors: the gradient is fn's float32
+    derivative at x times the cotangent, rounded once, recomputed from the saved input alone.
+    Autodiff of fn in bfloat16 rounds after every operation and saves an intermediate for each,
+    and XLA:CPU's bfloat16 elementwise code (a convert pair per rounding) ran the GroupViT-S
+    GELU's forward and backward 2.4x slower than this (docs/performance.md). Other dtypes: fn(x).
+    """
+    return _activation(fn, x) if x.dtype == jnp.bfloat16 else fn(x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _activation(fn, x):
+    return fn(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def _activation_forward(fn, x):
+    return _activation(fn, x), x
+
+
+def _activation_backward(fn, x, grad):
+    _, vjp = jax.vjp(fn, x.astype(jnp.float32))
+    return (vjp(grad.astype(jnp.float32))[0].astype(x.dtype),)
+
+
+_activation.defvjp(_activation_forward, _activation_backward)
