@@ -72,6 +72,7 @@ SIDES = ("ours", "pytorch")
 # and two elementwise kinds forward and backward on inputs in the compute dtype: the vision MLP's
 # erf GELU over [B, N + G, 4C] and a LayerNorm over [B, N + G, C].
 PIECES = ("step", "matmul", "block", "attention", "grouping", "gelu", "layernorm")
+ELEMENTWISE_PIECES = ("gelu", "layernorm")  # fed in the compute dtype, as in the model
 DTYPES = ("float32", "bfloat16")
 # The CPU features that decide fp32 and bf16 matmul speed.
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
@@ -673,8 +674,7 @@ def _our_piece(m: ml_collections.ConfigDict, piece: str, inputs: list[np.ndarray
         dims = (((1,), (0,)), ((), ()))
         matmul = jax.jit(lambda x, w: mixed_precision.dot_general(x, w, dims))
         return lambda: matmul(x, w)
-    elementwise = piece in ("gelu", "layernorm")  # fed in the compute dtype, as in the model
-    args = [jnp.asarray(a, dtype if elementwise else None) for a in inputs]
+    args = [jnp.asarray(a, dtype if piece in ELEMENTWISE_PIECES else None) for a in inputs]
     if piece == "gelu":
         params, apply = {}, lambda p, x: groupvit.exact_gelu(x)
     elif piece == "layernorm":
@@ -717,7 +717,7 @@ def _pytorch_piece(m: ml_collections.ConfigDict, piece: str, inputs: list[np.nda
         x, w = (torch.from_numpy(a).to(dtype) for a in inputs)
         return lambda: torch.matmul(x, w)
     args = [torch.from_numpy(a) for a in inputs]
-    if piece in ("gelu", "layernorm"):  # HF's layers use these two modules
+    if piece in ELEMENTWISE_PIECES:  # HF's layers use these two modules
         eps = m.layer_norm_eps
         layer = torch.nn.GELU() if piece == "gelu" else torch.nn.LayerNorm(m.width, eps=eps)
         return _pytorch_call(layer, layer, [a.to(dtype).requires_grad_() for a in args], bf16)

@@ -176,7 +176,7 @@ def test_pieces_time_the_same_computation_on_both_sides(piece):
         torch.set_num_threads(threads)  # this worker's other tests
 
 
-@pytest.mark.parametrize("piece", ["gelu", "layernorm"])
+@pytest.mark.parametrize("piece", benchmark.ELEMENTWISE_PIECES)
 def test_elementwise_pieces_compute_the_same_gradient_on_both_sides(piece):
     """fp32: ours and PyTorch's give the same input gradient of the output's sum."""
     config = train_config.from_file(f"{REPO}/configs/mixreorg.py:tiny")
